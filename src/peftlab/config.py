@@ -1,0 +1,443 @@
+"""The experiment file: typed schema, defaults, `--set` overrides, and errors that name the line.
+
+Every default lives in the pydantic models below (the README's annotated example mirrors them).
+Validation happens in one place, `load_experiment`, before any model or data is touched. Errors are
+collected (not just the first) and each names the file, the line, the dotted key and what was
+expected; unknown keys get a did-you-mean. Method and task settings are validated by the schema
+their own module declares, so adding a method adds its keys without touching this file.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
+
+from peftlab.errors import InputError, did_you_mean
+
+SPLITS = ("train", "validation", "test")
+
+
+class Strict(BaseModel):
+    """Base for every config section: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class RandomModelSpec(Strict):
+    """A model built from a configuration with random weights (tests, `plan`, benchmarks)."""
+
+    arch: str = Field(description="model_type: bert, distilbert, llama, ... (any transformers model type)")
+    random_init: Literal[True] = True
+    base: str | None = Field(None, description="a known configuration to start from, e.g. distilbert-base-uncased")
+    config: dict[str, Any] = Field(default_factory=dict, description="overrides of the configuration's fields")
+    tokenizer: str | None = Field(None, description="tokenizer source; default: peftlab's tiny built-in vocabulary")
+
+
+class DataSpec(Strict):
+    """Where the examples come from and how much of each split is used."""
+
+    source: str = Field(description="asset:NAME, a hub dataset id, a local file or folder")
+    config_name: str | None = Field(None, description="hub dataset configuration")
+    files: dict[Literal["train", "validation", "test"], str] = Field(
+        default_factory=dict, description="local files per split (json, jsonl, csv)"
+    )
+    splits: dict[Literal["train", "validation", "test"], str] = Field(
+        default_factory=dict, description="peftlab split -> the source's split name, e.g. {validation: dev}"
+    )
+    validation_fraction: float = Field(
+        0.1, gt=0, lt=0.5, description="carved (seeded) from train when the source has no validation split"
+    )
+    limits: dict[Literal["train", "validation", "test"], PositiveInt] = Field(
+        default_factory=dict, description="use at most this many examples of a split (the first N)"
+    )
+    max_length: PositiveInt = Field(128, description="tokens per sequence (longer inputs are truncated)")
+    seed: int = Field(0, description="seed for derived splits")
+
+
+class TrainSpec(Strict):
+    """Training settings shared by every run (a method entry may override any of them)."""
+
+    epochs: PositiveInt = 3
+    max_steps: PositiveInt | None = Field(None, description="stop after this many optimizer steps")
+    batch_size: PositiveInt = 16
+    eval_batch_size: PositiveInt | None = Field(None, description="default: 2 x batch_size")
+    grad_accum: PositiveInt = 1
+    lr: float | Literal["auto"] = Field("auto", description="a number, or auto = the method's default")
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    max_grad_norm: float = Field(1.0, gt=0)
+    seed: int = 0
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto = bf16 autocast where the hardware supports it, else fp32"
+    )
+    checkpoint_every: Literal["epoch"] | PositiveInt = Field(
+        "epoch", description="'epoch' or a number of optimizer steps"
+    )
+    gradient_checkpointing: bool = False
+
+    @field_validator("lr")
+    @classmethod
+    def _positive_lr(cls, value: float | str) -> float | str:
+        if isinstance(value, float) and value <= 0:
+            raise ValueError("the learning rate must be > 0 (or 'auto')")
+        return value
+
+
+class EvaluateSpec(Strict):
+    """Which splits every trained run is scored on, and whether baselines are computed."""
+
+    splits: list[Literal["validation", "test"]] = Field(default_factory=lambda: ["validation", "test"])
+    baselines: bool = Field(True, description="majority class (or the task's own) and the untrained model")
+
+
+class Experiment(Strict):
+    """One experiment file."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    description: str = ""
+    model: str | RandomModelSpec
+    task: str | dict[str, Any]
+    data: DataSpec
+    methods: dict[str, dict[str, Any]] = Field(min_length=1)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
+    output_dir: str = Field("runs", description="runs are written to OUTPUT_DIR/NAME/")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections(cls, data: Any) -> Any:
+        """`train:` with nothing under it means the defaults, as it reads."""
+        if isinstance(data, dict):
+            return {k: ({} if v is None and k in ("train", "evaluate", "methods") else v) for k, v in data.items()}
+        return data
+
+    @field_validator("methods")
+    @classmethod
+    def _run_names(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for run in value:
+            if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", run):
+                raise ValueError(f"run name '{run}' may use only letters, digits, '_', '.', '-'")
+        return {run: settings or {} for run, settings in value.items()}
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """The task's registered name and its validated options (plain values for the builder)."""
+
+    name: str
+    options: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run: a method with resolved settings and resolved training settings."""
+
+    name: str
+    method: str
+    settings: dict[str, Any]
+    train: TrainSpec
+
+
+@dataclass(frozen=True)
+class LoadedExperiment:
+    """A validated experiment: the schema object plus what was resolved from it."""
+
+    path: Path
+    spec: Experiment
+    task: TaskSpec
+    runs: list[RunSpec]
+    raw: dict[str, Any]
+    overrides: list[str] = field(default_factory=list)
+
+    @property
+    def base_dir(self) -> Path:
+        """Relative data paths in the file are relative to the file's own folder."""
+        return self.path.parent
+
+    @property
+    def runs_dir(self) -> Path:
+        return Path(self.spec.output_dir) / self.spec.name
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML with line numbers, and YAML 1.2 floats ("1e-4" is a float, not a string)
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads 1e-4 as a float, as YAML 1.2 and every user expects."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """Parse YAML text; a syntax error becomes an InputError naming the file and line."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        raise InputError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+
+
+def line_index(text: str) -> dict[tuple[str, ...], int]:
+    """Map each key path in a YAML mapping document to its 1-based line number."""
+    index: dict[tuple[str, ...], int] = {}
+
+    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                sub = (*path, str(key.value))
+                index[sub] = key.start_mark.line + 1
+                walk(value, sub)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                index[(*path, str(i))] = item.start_mark.line + 1
+                walk(item, (*path, str(i)))
+
+    try:
+        root = yaml.compose(text, Loader=_Loader)
+    except yaml.YAMLError:
+        return index
+    if root is not None:
+        walk(root, ())
+    return index
+
+
+# ---------------------------------------------------------------------------------------------
+# --set overrides
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides (value parsed as YAML) to a copy of the raw config."""
+    data = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=1e-4")
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.get(part) if isinstance(node, dict) else None
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise InputError(f"--set {item!r}: '{part}' is not a section")
+            node = child
+        node[parts[-1]] = parse_yaml(value, f"--set {key}") if value.strip() else None
+    return data
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def _format_pydantic(exc: ValidationError, model: type[BaseModel], prefix: tuple[str, ...]) -> list[tuple]:
+    """Turn pydantic errors into (key path, message) pairs with did-you-mean for unknown keys."""
+    out = []
+    for err in exc.errors():
+        loc = tuple(str(p) for p in err["loc"] if not _is_union_tag(p))
+        path = prefix + loc
+        if err["type"] == "extra_forbidden":
+            known = _fields_at(model, loc[:-1])
+            msg = f"unknown key{did_you_mean(loc[-1], known)}"
+            if known:
+                msg += f"; expected one of: {', '.join(sorted(known))}"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        else:
+            got = err.get("input")
+            shown = "" if isinstance(got, dict | list) else f" (got {got!r})"
+            msg = err["msg"] + shown
+        out.append((path, msg))
+    return out
+
+
+def _is_union_tag(part: Any) -> bool:
+    """Pydantic puts the tried union member (e.g. 'str', 'RandomModelSpec') into error locations."""
+    return isinstance(part, str) and (
+        part in {"str", "int", "float", "bool", "dict[str,any]", "function-after[_positive_lr(), float]"}
+        or part.startswith(("literal[", "function-", "constrained-"))
+        or part.endswith("Spec")
+    )
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[str, ...]) -> list[str]:
+    """The field names of the (nested) model at `loc`, for did-you-mean suggestions."""
+    current: Any = model
+    for part in loc:
+        fields = getattr(current, "model_fields", {})
+        if part not in fields:
+            return []
+        current = _model_in(fields[part].annotation)
+    return list(getattr(current, "model_fields", {}))
+
+
+def _model_in(annotation: Any) -> Any:
+    """The BaseModel class inside an annotation like `X | None`, if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+class _Problems:
+    """Collects (key path, message) pairs and renders them with file and line."""
+
+    def __init__(self, source: str, lines: dict[tuple[str, ...], int]) -> None:
+        self.source = source
+        self.lines = lines
+        self.items: list[str] = []
+
+    def add(self, path: tuple[str, ...], message: str) -> None:
+        line = None
+        for n in range(len(path), 0, -1):
+            line = self.lines.get(path[:n])
+            if line:
+                break
+        where = f"{self.source}:{line}" if line else self.source
+        key = ".".join(path) if path else "(top level)"
+        self.items.append(f"{where}: {key}: {message}")
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            count = len(self.items)
+            raise InputError(
+                f"{self.source}: {count} problem{'s' * (count > 1)} in the experiment file:", problems=self.items
+            )
+
+
+def load_experiment(
+    path: str | Path, overrides: list[str] | None = None, only: list[str] | None = None
+) -> LoadedExperiment:
+    """Read, override, validate and resolve an experiment file. Raises InputError on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such experiment file")
+    text = path.read_text(encoding="utf-8")
+    raw = parse_yaml(text, str(path))
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: expected a mapping of keys (name, model, task, data, methods, ...)")
+    raw = apply_overrides(raw, overrides or [])
+    loaded = validate_experiment(raw, path, line_index(text), only)
+    return dataclasses.replace(loaded, overrides=list(overrides or []))
+
+
+def validate_experiment(
+    raw: dict[str, Any], path: Path, lines: dict[tuple[str, ...], int] | None = None, only: list[str] | None = None
+) -> LoadedExperiment:
+    """Validate a raw experiment mapping (see load_experiment)."""
+    problems = _Problems(str(path), lines or {})
+    try:
+        spec = Experiment.model_validate(raw)
+    except ValidationError as exc:
+        for key_path, msg in _format_pydantic(exc, Experiment, ()):
+            problems.add(key_path, msg)
+        problems.raise_if_any()
+        raise  # unreachable: pydantic always reports at least one error
+    task = _validate_task(spec, problems)
+    runs = _resolve_runs(spec, problems, only)
+    problems.raise_if_any()
+    assert task is not None
+    return LoadedExperiment(path=path, spec=spec, task=task, runs=runs, raw=raw)
+
+
+def _validate_task(spec: Experiment, problems: _Problems) -> TaskSpec | None:
+    """Look the task up in the registry and validate its options with the task's own schema."""
+    from peftlab.tasks import TASKS
+
+    options = {"name": spec.task} if isinstance(spec.task, str) else dict(spec.task)
+    name = options.pop("name", None)
+    if not name:
+        problems.add(("task", "name"), "required key is missing (the task's name, e.g. classification)")
+        return None
+    try:
+        task_cls = TASKS.get(name)
+    except InputError as exc:
+        problems.add(("task",) if isinstance(spec.task, str) else ("task", "name"), str(exc))
+        return None
+    try:
+        validated = task_cls.Options.model_validate(options).model_dump()
+    except ValidationError as exc:
+        prefix = ("task",)
+        for key_path, msg in _format_pydantic(exc, task_cls.Options, prefix):
+            problems.add(key_path, msg)
+        return None
+    return TaskSpec(name=name, options=validated)
+
+
+def _resolve_runs(spec: Experiment, problems: _Problems, only: list[str] | None) -> list[RunSpec]:
+    """Validate each method entry with its method's schema and resolve its training settings."""
+    from peftlab.methods import METHODS
+
+    if only:
+        unknown = [o for o in only if o not in spec.methods]
+        for name in unknown:
+            problems.add(
+                ("methods",),
+                f"--only {name}: no such run{did_you_mean(name, spec.methods)}; "
+                f"the runs are: {', '.join(spec.methods)}",
+            )
+    runs = []
+    for run_name, entry in spec.methods.items():
+        if only and run_name not in only:
+            continue
+        run = _resolve_run(spec, run_name, dict(entry), problems, METHODS)
+        if run is not None:
+            runs.append(run)
+    return runs
+
+
+def _resolve_run(
+    spec: Experiment, run_name: str, entry: dict[str, Any], problems: _Problems, methods: Any
+) -> RunSpec | None:
+    """One method entry -> RunSpec; problems are recorded under methods.<run>.<key>."""
+    method_name = entry.pop("method", run_name)
+    try:
+        method_cls = methods.get(method_name)
+    except InputError as exc:
+        where = ("methods", run_name, "method") if "method" in spec.methods[run_name] else ("methods", run_name)
+        problems.add(where, str(exc) + " (name the method with `method:` when the run has another name)")
+        return None
+    train_override = entry.pop("train", None) or {}
+    try:
+        settings = method_cls.Settings.model_validate(entry).model_dump()
+    except ValidationError as exc:
+        for key_path, msg in _format_pydantic(exc, method_cls.Settings, ("methods", run_name)):
+            problems.add(key_path, msg)
+        return None
+    try:
+        train = TrainSpec.model_validate({**spec.train.model_dump(), **train_override})
+    except ValidationError as exc:
+        for key_path, msg in _format_pydantic(exc, TrainSpec, ("methods", run_name, "train")):
+            problems.add(key_path, msg)
+        return None
+    if train.lr == "auto":
+        train = train.model_copy(update={"lr": method_cls.default_lr})
+    return RunSpec(name=run_name, method=method_name, settings=settings, train=train)
+
+
+def check_limits(spec: DataSpec, sizes: dict[str, int], source: str) -> None:
+    """A data limit larger than the split is an input error (checked before any model is loaded)."""
+    problems = [
+        f"data.limits.{split}: {limit} is larger than the {sizes[split]} examples of the {split} split"
+        for split, limit in spec.limits.items()
+        if split in sizes and limit > sizes[split]
+    ]
+    if problems:
+        raise InputError(f"{source}: data limits exceed the data:", problems=problems)

@@ -1,0 +1,376 @@
+"""Training and evaluation: the HF Trainer plus one callback; no task- or method-specific code.
+
+Why the Trainer: it brings checkpoint/resume, gradient accumulation, mixed precision and
+multi-GPU (accelerate, torchrun, DeepSpeed) with no overhead measured here. peftlab adds what a
+comparison needs: per-epoch train and validation loss with wall time (`history.jsonl`), training
+time without evaluation, throughput in samples/s and real (non-padding) tokens/s, and peak memory.
+
+Precision `auto` is bf16 autocast where the hardware runs it natively (CUDA with bf16 support, a
+CPU with AVX512-BF16 or AMX), fp16 on older GPUs, else fp32. The choice is recorded in metrics.json.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import platform
+import re
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from torch import nn
+
+from peftlab.config import TrainSpec
+from peftlab.store import RunDir, write_jsonl
+
+Log = Callable[[str], None]
+
+
+# --- hardware, precision, memory -------------------------------------------------------------
+
+
+def cpu_supports_bf16() -> bool:
+    """True on CPUs with native bf16 matrix instructions (AVX512-BF16 or AMX), where autocast pays."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
+
+def resolve_precision(requested: str) -> str:
+    """'auto' -> bf16 | fp16 | fp32 for this machine; explicit requests are checked."""
+    cuda = torch.cuda.is_available()
+    bf16_ok = torch.cuda.is_bf16_supported() if cuda else cpu_supports_bf16()
+    if requested == "auto":
+        return "bf16" if bf16_ok else ("fp16" if cuda else "fp32")
+    if requested == "fp16" and not cuda:
+        from peftlab.errors import InputError
+
+        raise InputError("train.precision: fp16 needs a CUDA GPU; use bf16 or fp32 (or auto) on the CPU")
+    return requested
+
+
+def hardware() -> dict[str, Any]:
+    """What the run ran on, for the report's time and memory tables."""
+    info: dict[str, Any] = {
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "cpu": _cpu_name(),
+        "cpu_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_count"] = torch.cuda.device_count()
+    return info
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def versions() -> dict[str, str]:
+    import accelerate
+    import datasets
+    import peft
+    import transformers
+
+    import peftlab
+
+    return {
+        "peftlab": peftlab.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "accelerate": accelerate.__version__,
+        "datasets": datasets.__version__,
+    }
+
+
+class PeakMemory:
+    """Peak memory while the block runs, in MiB.
+
+    CUDA: the allocator's peak (torch.cuda.max_memory_allocated). CPU on Linux: the process's
+    peak resident set (VmHWM), reset at the start by writing 5 to /proc/self/clear_refs, so it is the
+    peak of this block, not of the process. Elsewhere: resource's ru_maxrss (process lifetime).
+    """
+
+    def __init__(self) -> None:
+        self.kind = "cuda_max_allocated" if torch.cuda.is_available() else "cpu_peak_rss"
+        self.mib: float | None = None
+
+    def __enter__(self) -> PeakMemory:
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")
+            except OSError:
+                self.kind = "cpu_max_rss_process"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.mib = round(self.read(), 1)
+
+    def read(self) -> float:
+        if torch.cuda.is_available():
+            return torch.cuda.max_memory_allocated() / 2**20
+        with contextlib.suppress(OSError, AttributeError):
+            match = re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text())
+            if match:
+                return int(match.group(1)) / 1024
+        import resource
+
+        scale = 1 if sys.platform == "darwin" else 1024
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale / 1024
+
+
+# --- the Trainer -----------------------------------------------------------------------------
+
+
+def training_arguments(spec: TrainSpec, out_dir: Path, *, has_eval: bool, precision: str, quiet: bool = False) -> Any:
+    """TrainingArguments for one run (eval each epoch, checkpoint each epoch or N steps, keep one)."""
+    from transformers import TrainingArguments
+
+    per_steps = isinstance(spec.checkpoint_every, int)
+    return TrainingArguments(
+        output_dir=str(out_dir),
+        num_train_epochs=spec.epochs,
+        max_steps=spec.max_steps or -1,
+        per_device_train_batch_size=spec.batch_size,
+        per_device_eval_batch_size=spec.eval_batch_size or 2 * spec.batch_size,
+        gradient_accumulation_steps=spec.grad_accum,
+        learning_rate=float(spec.lr),
+        weight_decay=spec.weight_decay,
+        warmup_steps=spec.warmup_ratio,  # a float < 1 is a fraction of the training steps
+        lr_scheduler_type=spec.scheduler,
+        max_grad_norm=spec.max_grad_norm,
+        seed=spec.seed,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=spec.gradient_checkpointing,
+        eval_strategy="epoch" if has_eval else "no",
+        logging_strategy="epoch",
+        save_strategy="steps" if per_steps else "epoch",
+        save_steps=spec.checkpoint_every if per_steps else 500,
+        save_total_limit=1,
+        report_to=[],
+        disable_tqdm=quiet or not sys.stderr.isatty(),
+        include_num_input_tokens_seen="non_padding",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+    )
+
+
+def history_rows(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Merge the Trainer's log entries into one row per epoch (train loss, val loss, lr, times)."""
+    rows: dict[float, dict[str, Any]] = {}
+    for entry in log_history:
+        if "epoch" not in entry or "train_loss" in entry:  # train_loss: the end-of-training summary
+            continue
+        row = rows.setdefault(round(float(entry["epoch"]), 4), {"epoch": round(float(entry["epoch"]), 4)})
+        row["step"] = entry.get("step", row.get("step"))
+        for src, dst in (
+            ("loss", "train_loss"),
+            ("eval_loss", "val_loss"),
+            ("learning_rate", "lr"),
+            ("grad_norm", "grad_norm"),
+            ("epoch_seconds", "epoch_seconds"),
+            ("wall_seconds", "wall_seconds"),
+            ("tokens_seen", "tokens_seen"),
+        ):
+            if src in entry:
+                row[dst] = entry[src]
+        row.update(
+            {
+                k: v
+                for k, v in entry.items()
+                if k.startswith("eval_") and k != "eval_loss" and not k.endswith(("_runtime", "_per_second"))
+            }
+        )
+    return list(rows.values())
+
+
+def _callback_class() -> type:
+    from transformers import TrainerCallback
+
+    class RunCallback(TrainerCallback):
+        """Times epochs (training only), writes history.jsonl after each epoch, prints progress."""
+
+        def __init__(self, history_file: Path, log: Log, label: str) -> None:
+            self.history_file = history_file
+            self.log = log
+            self.label = label
+            self.epoch_start = 0.0
+            self.train_start = 0.0
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.train_start = time.perf_counter() - self._wall_before(state)
+
+        @staticmethod
+        def _wall_before(state: Any) -> float:
+            """Wall time already spent before a resume (from the restored history)."""
+            walls = [e["wall_seconds"] for e in state.log_history if "wall_seconds" in e]
+            return walls[-1] if walls else 0.0
+
+        def on_epoch_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.epoch_start = time.perf_counter()
+
+        def on_epoch_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            # Appended to the Trainer's own log so that it is saved in, and restored from, checkpoints.
+            state.log_history.append(
+                {
+                    "epoch": state.epoch,
+                    "step": state.global_step,
+                    "epoch_seconds": round(time.perf_counter() - self.epoch_start, 3),
+                    "wall_seconds": round(time.perf_counter() - self.train_start, 3),
+                    "tokens_seen": int(state.num_input_tokens_seen),
+                }
+            )
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
+            write_jsonl(self.history_file, history_rows(state.log_history))
+            if logs and "loss" in logs and args.eval_strategy == "no":
+                self._print(state)
+
+        def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict | None = None, **kw: Any) -> None:
+            write_jsonl(self.history_file, history_rows(state.log_history))
+            self._print(state)
+
+        def _print(self, state: Any) -> None:
+            row = history_rows(state.log_history)[-1]
+            val = f"  val loss {row['val_loss']:.4f}" if "val_loss" in row else ""
+            secs = row.get("epoch_seconds")
+            timing = f"  ({secs:.0f}s)" if secs is not None else ""
+            train_loss = f"  train loss {row['train_loss']:.4f}" if "train_loss" in row else ""
+            self.log(
+                f"[{self.label}] epoch {row['epoch']:g}/{state.num_train_epochs}  step {row['step']}"
+                f"{train_loss}{val}{timing}"
+            )
+
+    return RunCallback
+
+
+@dataclass
+class TrainResult:
+    """What training measured."""
+
+    train_seconds: float
+    wall_seconds: float
+    epochs_run: float
+    steps: int
+    samples_per_second: float
+    tokens_per_second: float
+    tokens_seen: int
+    peak_memory_mib: float | None
+    memory_kind: str
+    history: list[dict[str, Any]] = field(default_factory=list)
+    resumed_from: str | None = None
+
+
+def train(
+    model: nn.Module,
+    train_set: Dataset,
+    eval_set: Dataset | None,
+    collator: Callable,
+    spec: TrainSpec,
+    run: RunDir,
+    *,
+    precision: str,
+    log: Log = print,
+    label: str = "",
+) -> TrainResult:
+    """Train (resuming from the run's last checkpoint if there is one) and measure."""
+    from transformers import Trainer
+
+    resume = run.latest_checkpoint()
+    if resume is not None:
+        log(f"[{label}] resuming from {resume.name}")
+    args = training_arguments(spec, run.checkpoints_dir, has_eval=eval_set is not None, precision=precision)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=collator,
+        callbacks=[_callback_class()(run.history_file, log, label)],
+    )
+    _quiet(trainer)
+    with PeakMemory() as memory:
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    history = history_rows(trainer.state.log_history)
+    write_jsonl(run.history_file, history)
+    train_seconds = sum(r.get("epoch_seconds", 0.0) for r in history)
+    samples = _samples_seen(trainer.state, spec, len(train_set))
+    tokens = int(trainer.state.num_input_tokens_seen)
+    return TrainResult(
+        train_seconds=round(train_seconds, 3),
+        wall_seconds=round(max((r.get("wall_seconds", 0.0) for r in history), default=0.0), 3),
+        epochs_run=round(float(trainer.state.epoch or 0), 4),
+        steps=int(trainer.state.global_step),
+        samples_per_second=round(samples / train_seconds, 2) if train_seconds else 0.0,
+        tokens_per_second=round(tokens / train_seconds, 1) if train_seconds else 0.0,
+        tokens_seen=tokens,
+        peak_memory_mib=memory.mib,
+        memory_kind=memory.kind,
+        history=history,
+        resumed_from=resume.name if resume else None,
+    )
+
+
+def _quiet(trainer: Any) -> None:
+    """peftlab prints its own one line per epoch; the Trainer's raw log dicts would repeat it."""
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+
+
+def _samples_seen(state: Any, spec: TrainSpec, n_train: int) -> int:
+    """Training samples processed: optimizer steps x effective batch, capped per epoch at the set size."""
+    per_step = spec.batch_size * spec.grad_accum
+    steps_per_epoch = max(1, math.ceil(n_train / per_step))
+    full_epochs, extra_steps = divmod(int(state.global_step), steps_per_epoch)
+    return full_epochs * n_train + min(extra_steps * per_step, n_train)
+
+
+def predict(
+    model: nn.Module, features: Dataset, collator: Callable, spec: TrainSpec, *, precision: str
+) -> tuple[Any, float]:
+    """The model's raw outputs on `features` (logits; a tuple for multi-output heads), and seconds."""
+    from transformers import Trainer
+
+    with _scratch_dir() as tmp:
+        args = training_arguments(spec, tmp, has_eval=False, precision=precision, quiet=True)
+        trainer = Trainer(model=model, args=args, data_collator=collator)
+        _quiet(trainer)
+        start = time.perf_counter()
+        output = trainer.predict(features)
+    return output.predictions, time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def _scratch_dir() -> Iterator[Path]:
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="peftlab-eval-") as tmp:
+        yield Path(tmp)
+
+
+def set_threads() -> None:
+    """Respect OMP_NUM_THREADS / PEFTLAB_THREADS; torch's default already uses every core."""
+    threads = os.environ.get("PEFTLAB_THREADS")
+    if threads:
+        torch.set_num_threads(int(threads))

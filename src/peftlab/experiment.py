@@ -1,0 +1,349 @@
+"""Run an experiment: config -> data -> task -> method -> engine -> metrics -> run store -> report.
+
+Everything that can be wrong with the input is checked in `prepare` before the first run trains:
+the config (already validated), the data (fields, labels, limits), the model source, and each
+method's settings against the architecture. Each run then trains in turn; a run that fails is
+recorded as failed with its error and the others go on. Runs that are done with the same settings
+are skipped; interrupted runs resume from their last checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from datasets import Dataset, DatasetDict
+
+from peftlab import engine
+from peftlab.config import LoadedExperiment, RunSpec
+from peftlab.data.loading import describe_source, load_splits
+from peftlab.errors import EXIT_OK, EXIT_RUN_FAILED, InputError
+from peftlab.executor import jobs_for, run_in_processes
+from peftlab.methods import METHODS, count_parameters
+from peftlab.models import ModelSource, load_config, load_tokenizer, resolve_model
+from peftlab.store import DONE, FAILED, RUNNING, ExperimentDir, RunDir, write_json, write_jsonl, write_yaml
+from peftlab.tasks import TASKS, Task
+
+Log = Callable[[str], None]
+
+
+def log_line(message: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {message}", flush=True)
+
+
+@dataclass
+class Prepared:
+    """Everything the runs of one experiment share, built once."""
+
+    exp: LoadedExperiment
+    task: Task
+    source: ModelSource
+    model_type: str
+    tokenizer: Any
+    examples: DatasetDict
+    features: dict[str, Dataset]
+    store: ExperimentDir
+
+
+def fingerprint(data: dict[str, Any]) -> str:
+    """A short stable hash of settings, to tell whether a finished run used the same ones."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_config(prep: Prepared, run: RunSpec) -> dict[str, Any]:
+    """The resolved settings of one run, as written to <run>/config.yaml."""
+    spec = prep.exp.spec
+    method = METHODS.get(run.method)(**run.settings)
+    body = {
+        "experiment": spec.name,
+        "run": run.name,
+        "method": run.method,
+        "settings": method.resolve(prep.model_type),
+        "model": spec.model if isinstance(spec.model, str) else spec.model.model_dump(),
+        "task": {"name": prep.exp.task.name, **prep.task.state()},
+        "data": spec.data.model_dump(),
+        "train": run.train.model_dump(),
+    }
+    return {**body, "fingerprint": fingerprint(body)}
+
+
+# --- preparation -----------------------------------------------------------------------------
+
+
+def prepare(exp: LoadedExperiment, log: Log = log_line) -> Prepared:
+    """Load and check data, model source and method settings; nothing trains here."""
+    spec = exp.spec
+    task = TASKS.get(exp.task.name)(**exp.task.options)
+    needed = tuple(dict.fromkeys(["train", "validation", *spec.evaluate.splits]))
+    log(f"data: {describe_source(spec.data)}")
+    try:
+        splits = load_splits(spec.data, exp.base_dir, needed)
+        examples = task.prepare(splits, describe_source(spec.data))
+    except InputError as exc:
+        raise InputError(f"{exp.path}: {exc}") from None
+    log("data: " + ", ".join(f"{name} {len(ds)}" for name, ds in examples.items()))
+    source = resolve_model(spec.model, exp.base_dir)
+    config, _ = load_config(source)
+    for run in exp.runs:  # a method setting the architecture cannot take fails here, not mid-run
+        METHODS.get(run.method)(**run.settings).resolve(config.model_type)
+        engine.resolve_precision(run.train.precision)
+    tokenizer = load_tokenizer(source)
+    log(f"model: {source.describe()} ({config.model_type}); tokenizing ...")
+    features = {name: task.featurize(ds, tokenizer, spec.data.max_length) for name, ds in examples.items()}
+    return Prepared(exp, task, source, config.model_type, tokenizer, examples, features, ExperimentDir(exp.runs_dir))
+
+
+def check_existing(prep: Prepared, fresh: bool, log: Log) -> None:
+    """A run folder written with other settings is an error unless --fresh moves it aside."""
+    conflicts = []
+    for run in prep.exp.runs:
+        folder = prep.store.run(run.name)
+        old = folder.config()
+        if not old or old.get("fingerprint") == run_config(prep, run)["fingerprint"]:
+            continue
+        if fresh:
+            backup = folder.path.with_name(f"{run.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+            folder.path.rename(backup)
+            log(f"[{run.name}] settings changed: moved the old run to {backup.name}")
+        else:
+            changed = _changed_keys(old, run_config(prep, run))
+            conflicts.append(f"{folder.path}: was run with other settings ({', '.join(changed)})")
+    if conflicts:
+        raise InputError(
+            "runs exist with different settings; nothing was trained. Give the experiment another "
+            "name, or pass --fresh to move the old runs aside:",
+            problems=conflicts,
+        )
+
+
+def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for key in sorted(set(old) | set(new)):
+        if key == "fingerprint":
+            continue
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+# --- running ---------------------------------------------------------------------------------
+
+
+def run_experiment(
+    exp: LoadedExperiment, *, fresh: bool = False, executor: str = "process", workers: int = 1, log: Log = log_line
+) -> int:
+    """Train and evaluate every run of the experiment, then write the report. Returns an exit code."""
+    if workers < 1:
+        raise InputError(f"--workers: expected a number >= 1, got {workers}")
+    engine.set_threads()
+    prep = prepare(exp, log)
+    check_existing(prep, fresh, log)
+    prep.store.path.mkdir(parents=True, exist_ok=True)
+    write_yaml(prep.store.path / "experiment.yaml", _resolved_experiment(prep))
+    write_json(prep.store.path / "data.json", data_summary(prep.examples))
+    if exp.spec.evaluate.baselines:
+        compute_baselines(prep, log)
+    todo = [run for run in exp.runs if not is_done(prep, run, log)]
+    if executor == "inline":
+        failed = [run.name for run in todo if not execute_run(prep, run, log)]
+    else:
+        jobs = jobs_for(exp.path, exp.overrides, todo, [prep.store.run(r.name) for r in todo], workers)
+        failed = run_in_processes(jobs, workers, log)
+    from peftlab.report import build_report
+
+    paths = build_report(prep.store.path)
+    log(f"report: {paths['html']}")
+    if failed:
+        log(f"{len(failed)} run(s) failed: {', '.join(failed)} (errors in their status.json)")
+        return EXIT_RUN_FAILED
+    return EXIT_OK
+
+
+def is_done(prep: Prepared, run: RunSpec, log: Log) -> bool:
+    """True (and said) when the run finished earlier with the same settings."""
+    folder = prep.store.run(run.name)
+    done = (
+        folder.status().get("state") == DONE
+        and folder.config().get("fingerprint") == (run_config(prep, run)["fingerprint"])
+    )
+    if done:
+        log(f"[{run.name}] done already: skipped")
+    return done
+
+
+def data_summary(examples: DatasetDict) -> dict[str, Any]:
+    """Examples per split (and label counts where examples carry a single string label)."""
+    from collections import Counter
+
+    out = {}
+    for name, ds in examples.items():
+        entry: dict[str, Any] = {"n": len(ds)}
+        if "label" in ds.column_names and ds.features["label"].dtype == "string":
+            entry["labels"] = dict(sorted(Counter(ds["label"]).items()))
+        out[name] = entry
+    return out
+
+
+def _resolved_experiment(prep: Prepared) -> dict[str, Any]:
+    data = prep.exp.spec.model_dump(mode="json")
+    data["task"] = {"name": prep.exp.task.name, **prep.task.state()}
+    return data
+
+
+def execute_run(prep: Prepared, run: RunSpec, log: Log) -> bool:
+    """Train, evaluate and save one run unless it is already done. False when it failed."""
+    folder = prep.store.run(run.name)
+    config = run_config(prep, run)
+    if is_done(prep, run, log):
+        return True
+    folder.path.mkdir(parents=True, exist_ok=True)
+    write_yaml(folder.config_file, config)
+    folder.set_status(RUNNING, started=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    try:
+        metrics = train_and_evaluate(prep, run, folder, log)
+    except KeyboardInterrupt:
+        folder.set_status(FAILED, error="interrupted (KeyboardInterrupt); run again to resume")
+        raise
+    except Exception as exc:
+        (folder.path / "error.log").write_text(traceback.format_exc(), encoding="utf-8")
+        folder.set_status(FAILED, error=f"{type(exc).__name__}: {exc}", traceback="error.log")
+        log(f"[{run.name}] FAILED: {type(exc).__name__}: {exc}")
+        return False
+    folder.set_status(
+        DONE, finished=time.strftime("%Y-%m-%dT%H:%M:%S"), train_seconds=metrics["train"]["train_seconds"]
+    )
+    return True
+
+
+def build_run_model(prep: Prepared, run: RunSpec) -> tuple[Any, Any]:
+    """The task model with the run's method applied (seeded, so the task head starts the same)."""
+    from transformers import set_seed
+
+    set_seed(run.train.seed)
+    method = METHODS.get(run.method)(**run.settings)
+    model = prep.task.build_model(prep.source, prep.tokenizer, **method.load_kwargs())
+    model = method.apply(model, head_modules=prep.task.head_modules(model), task_type=prep.task.peft_task_type)
+    return method, model
+
+
+def train_and_evaluate(prep: Prepared, run: RunSpec, folder: RunDir, log: Log) -> dict[str, Any]:
+    method, model = build_run_model(prep, run)
+    trainable, total = count_parameters(model)
+    precision = engine.resolve_precision(run.train.precision)
+    log(
+        f"[{run.name}] {run.method}: {trainable:,} trainable of {total:,} parameters "
+        f"({100 * trainable / total:.3f}%), lr {run.train.lr:g}, {precision}"
+    )
+    collator = prep.task.collator(prep.tokenizer)
+    result = engine.train(
+        model,
+        prep.features["train"],
+        prep.features.get("validation"),
+        collator,
+        run.train,
+        folder,
+        precision=precision,
+        log=log,
+        label=run.name,
+    )
+    evaluation = evaluate_splits(prep, model, run, folder, precision, log)
+    method.save(model, folder.adapter_dir)
+    prep.tokenizer.save_pretrained(folder.adapter_dir)
+    epochs = max(result.epochs_run, 1e-9)
+    metrics = {
+        "run": run.name,
+        "method": run.method,
+        "settings": method.resolve(prep.model_type),
+        "params": {"trainable": trainable, "total": total, "trainable_pct": 100 * trainable / total},
+        "train": {
+            "train_seconds": result.train_seconds,
+            "wall_seconds": result.wall_seconds,
+            "seconds_per_epoch": round(result.train_seconds / epochs, 3),
+            "epochs": result.epochs_run,
+            "steps": result.steps,
+            "samples_per_second": result.samples_per_second,
+            "tokens_per_second": result.tokens_per_second,
+            "tokens_seen": result.tokens_seen,
+            "train_examples": len(prep.features["train"]),
+            "resumed_from": result.resumed_from,
+        },
+        "memory": {"peak_mib": result.peak_memory_mib, "kind": result.memory_kind},
+        "eval": evaluation,
+        "lr": run.train.lr,
+        "precision": precision,
+        "seed": run.train.seed,
+        "hardware": engine.hardware(),
+        "versions": engine.versions(),
+    }
+    write_json(folder.metrics_file, metrics)
+    shutil.rmtree(folder.checkpoints_dir, ignore_errors=True)  # the adapter is saved; checkpoints are spent
+    summary = ", ".join(
+        f"{split} {prep.task.primary_metric} {m[prep.task.primary_metric]:.4f}" for split, m in evaluation.items()
+    )
+    log(f"[{run.name}] done in {result.train_seconds:.0f}s training: {summary}")
+    return metrics
+
+
+def evaluate_splits(
+    prep: Prepared, model: Any, run: RunSpec, folder: RunDir, precision: str, log: Log
+) -> dict[str, dict[str, Any]]:
+    """Predict and score each evaluated split; predictions go to predictions/<split>.jsonl."""
+    out = {}
+    collator = prep.task.collator(prep.tokenizer)
+    for split in prep.exp.spec.evaluate.splits:
+        outputs, seconds = engine.predict(model, prep.features[split], collator, run.train, precision=precision)
+        predictions = prep.task.predict(outputs, prep.examples[split], prep.features[split])
+        write_jsonl(folder.predictions_dir / f"{split}.jsonl", predictions)
+        out[split] = {**prep.task.score(predictions), "eval_seconds": round(seconds, 3)}
+    return out
+
+
+# --- baselines -------------------------------------------------------------------------------
+
+
+def compute_baselines(prep: Prepared, log: Log) -> None:
+    """Model-free baselines (e.g. majority class) and the untrained model, once per experiment."""
+    spec = prep.exp.spec
+    key = fingerprint(
+        {
+            "model": str(spec.model),
+            "data": spec.data.model_dump(),
+            "task": prep.task.state(),
+            "splits": spec.evaluate.splits,
+            "seed": spec.train.seed,
+        }
+    )
+    target = prep.store.baselines_file
+    from peftlab.store import read_json
+
+    if (read_json(target) or {}).get("fingerprint") == key:
+        return
+    results: dict[str, dict[str, Any]] = {}
+    for name, predict_fn in prep.task.baselines(prep.examples["train"]).items():
+        results[name] = {split: prep.task.score(predict_fn(prep.examples[split])) for split in spec.evaluate.splits}
+    log("baseline: evaluating the untrained model ...")
+    first = prep.exp.runs[0] if prep.exp.runs else None
+    train_spec = first.train if first else spec.train
+    from transformers import set_seed
+
+    set_seed(spec.train.seed)
+    model = prep.task.build_model(prep.source, prep.tokenizer)
+    precision = engine.resolve_precision(train_spec.precision)
+    collator = prep.task.collator(prep.tokenizer)
+    untrained = {}
+    for split in spec.evaluate.splits:
+        outputs, _ = engine.predict(model, prep.features[split], collator, train_spec, precision=precision)
+        predictions = prep.task.predict(outputs, prep.examples[split], prep.features[split])
+        write_jsonl(target.parent / "predictions" / f"untrained-{split}.jsonl", predictions)
+        untrained[split] = prep.task.score(predictions)
+    results["untrained model"] = untrained
+    write_json(target, {"fingerprint": key, "primary_metric": prep.task.primary_metric, "baselines": results})

@@ -1,0 +1,148 @@
+"""`peftlab plan`: each run's method, resolved settings, trainable/total parameters, memory estimate.
+
+Nothing is trained and no weights are loaded: the architecture is built from its configuration on
+PyTorch's meta device (no memory is allocated), the method is applied, and parameters are counted
+as PEFT counts them. When the hub is unreachable, known model configurations come from peftlab's
+built-in table, and the plan says so.
+
+The memory figure is an estimate (documented here so it can be checked against measured peaks):
+  weights     total params x bytes per weight (4 in fp32; 2 under bf16/fp16 kept as fp32 masters -> 4)
+  gradients   trainable x 4 bytes
+  optimizer   trainable x 8 bytes (AdamW: two fp32 moments)
+  activations per layer s*b*h*(34 + 5*a*s/h) bytes at 16-bit, twice that at fp32 (Korthikanti et
+              al., 2022, "Reducing Activation Recomputation in Large Transformer Models"); with
+              gradient checkpointing only each layer's input (2*s*b*h bytes) is kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from peftlab import engine
+from peftlab.config import LoadedExperiment, RunSpec
+from peftlab.data.loading import describe_source, load_splits
+from peftlab.errors import InputError
+from peftlab.methods import METHODS, count_parameters
+from peftlab.models import load_config, load_tokenizer, resolve_model
+from peftlab.tasks import TASKS, Task
+
+
+@dataclass
+class PlanRow:
+    run: str
+    method: str
+    settings: dict[str, Any]
+    trainable: int
+    total: int
+    lr: float
+    memory_mib: dict[str, float]
+
+    @property
+    def trainable_pct(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+
+def plan_experiment(exp: LoadedExperiment, log: Any = print) -> list[PlanRow]:
+    """Count parameters and estimate memory for each run of the experiment."""
+    task = TASKS.get(exp.task.name)(**exp.task.options)
+    _fit_task(exp, task, log)
+    source = resolve_model(exp.spec.model, exp.base_dir)
+    config, note = load_config(source, allow_known=True)
+    if note:
+        log(f"note: {note}")
+    tokenizer = _tokenizer_or_none(source)
+    rows = []
+    for run in exp.runs:
+        method = METHODS.get(run.method)(**run.settings)
+        settings = method.resolve(config.model_type)
+        with torch.device("meta"):
+            model = task.build_model(source, tokenizer, weights=False)
+            model = method.apply(model, head_modules=task.head_modules(model), task_type=task.peft_task_type)
+        trainable, total = count_parameters(model)
+        memory = estimate_memory(
+            config, run, trainable, total, exp.spec.data.max_length, getattr(method, "frozen_weight_bytes", None)
+        )
+        rows.append(PlanRow(run.name, run.method, settings, trainable, total, float(run.train.lr), memory))
+    return rows
+
+
+def _fit_task(exp: LoadedExperiment, task: Task, log: Any) -> None:
+    """Fit the task's state (e.g. labels, which size the head) from the data when it can be read."""
+    try:
+        splits = load_splits(exp.spec.data, exp.base_dir, needed=("train",))
+    except InputError as exc:
+        note = task.assume_without_data()
+        log(f"note: data not readable ({str(exc).splitlines()[0][:160]}); {note}")
+        return
+    task.prepare(splits, describe_source(exp.spec.data))
+
+
+def _tokenizer_or_none(source: Any) -> Any:
+    """The tokenizer if it can be loaded (random models need it for their vocabulary size)."""
+    try:
+        return load_tokenizer(source)
+    except InputError:
+        return None
+
+
+def estimate_memory(
+    config: Any, run: RunSpec, trainable: int, total: int, seq: int, frozen_bytes: float | None
+) -> dict[str, float]:
+    """The estimate described in the module docstring, per part and in total, in MiB."""
+    precision = engine.resolve_precision(run.train.precision)
+    hidden = _first(config, "hidden_size", "dim", "d_model")
+    layers = _first(config, "num_hidden_layers", "n_layers", "num_layers")
+    heads = _first(config, "num_attention_heads", "n_heads")
+    batch = run.train.batch_size
+    frozen = total - trainable
+    weights = trainable * 4 + frozen * (frozen_bytes if frozen_bytes is not None else 4)
+    grads, optimizer = trainable * 4, trainable * 8
+    if run.train.gradient_checkpointing:
+        activations = layers * 2 * seq * batch * hidden
+    else:
+        per_layer = seq * batch * hidden * (34 + 5 * heads * seq / max(hidden, 1))
+        activations = layers * per_layer * (2 if precision == "fp32" else 1)
+    parts = {"weights": weights, "gradients": grads, "optimizer": optimizer, "activations": activations}
+    mib = {k: round(v / 2**20, 1) for k, v in parts.items()}
+    mib["total"] = round(sum(parts.values()) / 2**20, 1)
+    return mib
+
+
+def _first(config: Any, *names: str) -> int:
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def format_plan(rows: list[PlanRow]) -> str:
+    """An aligned text table for the terminal."""
+    header = ["run", "method", "trainable", "total", "% trainable", "lr", "est. memory (MiB)"]
+    body = [
+        [
+            r.run,
+            r.method,
+            f"{r.trainable:,}",
+            f"{r.total:,}",
+            f"{r.trainable_pct:.4f}",
+            f"{r.lr:g}",
+            f"{r.memory_mib['total']:,.0f}",
+        ]
+        for r in rows
+    ]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *body, strict=True)]
+    lines = [
+        "  ".join(
+            str(c).ljust(w) if i < 2 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in [header, *body]
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    settings = [
+        f"  {r.run}: " + ", ".join(f"{k}={v}" for k, v in r.settings.items() if v not in (None, [], {})) for r in rows
+    ]
+    return "\n".join([*lines, "", "resolved settings:", *settings])

@@ -1,0 +1,65 @@
+"""Figures (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+
+def learning_curve(history: list[dict[str, Any]], title: str, path: Path) -> Path | None:
+    """Train and validation loss per epoch (the LoRA-vs-IA3 study's Figures 1-2)."""
+    rows = [r for r in history if "train_loss" in r or "val_loss" in r]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(5.2, 3.4), dpi=110)
+    for key, label, style in (("train_loss", "training loss", "o-"), ("val_loss", "validation loss", "s--")):
+        points = [(r["epoch"], r[key]) for r in rows if key in r]
+        if points:
+            ax.plot(*zip(*points, strict=True), style, label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def confusion(matrix: list[list[int]], labels: list[str], title: str, path: Path) -> Path:
+    """A confusion-matrix heat map with counts, rows = true label, columns = prediction."""
+    data = np.asarray(matrix)
+    size = max(3.2, 0.55 * len(labels) + 2)
+    fig, ax = plt.subplots(figsize=(size + 0.6, size), dpi=110)
+    image = ax.imshow(data, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    threshold = data.max() / 2 if data.size else 0
+    for i in range(data.shape[0]):
+        for j in range(data.shape[1]):
+            ax.text(
+                j,
+                i,
+                str(data[i, j]),
+                ha="center",
+                va="center",
+                color="white" if data[i, j] > threshold else "black",
+                fontsize=8,
+            )
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

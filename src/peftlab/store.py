@@ -1,0 +1,153 @@
+"""The run directory: layout, atomic writes, run status.
+
+Layout (DESIGN.md):  runs/<experiment>/{experiment.yaml, report.*, results.csv, <run>/...}
+Each write goes to a temp file in the same folder and is renamed over the target, so a crash
+never leaves a half-written JSON/YAML file and readers see either the old or the new content.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PENDING, RUNNING, DONE, FAILED = "pending", "running", "done", "failed"
+
+
+def write_atomic(path: Path, text: str | bytes) -> None:
+    """Write text or bytes to `path` through a temp file + rename (atomic on POSIX)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = text.encode("utf-8") if isinstance(text, str) else text
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=_jsonable) + "\n")
+
+
+def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    write_atomic(path, "".join(json.dumps(r, default=_jsonable, ensure_ascii=False) + "\n" for r in rows))
+
+
+def write_yaml(path: Path, data: Any) -> None:
+    write_atomic(path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+
+
+def read_json(path: Path, default: Any = None) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return default
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Rows of a JSONL file ([] if missing). Splits on \\n only: str.splitlines() would also split
+    inside texts that contain Unicode line separators (U+2028, U+0085), which tweets do."""
+    if not path.exists():
+        return []
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            from peftlab.errors import InputError
+
+            raise InputError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    return rows
+
+
+def _jsonable(value: Any) -> Any:
+    """JSON fallback for numpy scalars/arrays and paths."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+class RunDir:
+    """One run's folder and its files."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    status_file = property(lambda self: self.path / "status.json")
+    config_file = property(lambda self: self.path / "config.yaml")
+    metrics_file = property(lambda self: self.path / "metrics.json")
+    history_file = property(lambda self: self.path / "history.jsonl")
+    adapter_dir = property(lambda self: self.path / "adapter")
+    checkpoints_dir = property(lambda self: self.path / "checkpoints")
+    predictions_dir = property(lambda self: self.path / "predictions")
+
+    def status(self) -> dict[str, Any]:
+        return read_json(self.status_file, {"state": PENDING})
+
+    def set_status(self, state: str, **extra: Any) -> None:
+        status = {**self.status(), "state": state, "updated": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
+        if state != FAILED:
+            status.pop("error", None)
+        write_json(self.status_file, status)
+
+    def config(self) -> dict[str, Any]:
+        return yaml.safe_load(self.config_file.read_text(encoding="utf-8")) if self.config_file.exists() else {}
+
+    def metrics(self) -> dict[str, Any]:
+        return read_json(self.metrics_file, {})
+
+    def history(self) -> list[dict[str, Any]]:
+        return read_jsonl(self.history_file)
+
+    def latest_checkpoint(self) -> Path | None:
+        """The newest Trainer checkpoint folder that was written completely."""
+        if not self.checkpoints_dir.exists():
+            return None
+        done = [p for p in self.checkpoints_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
+        return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+class ExperimentDir:
+    """runs/<experiment>/: the experiment's runs, baselines and report."""
+
+    BASELINES = "_baselines"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def run(self, name: str) -> RunDir:
+        return RunDir(self.path / name)
+
+    def runs(self) -> list[RunDir]:
+        """Run folders (those with a config.yaml), in the order the experiment lists them."""
+        order = list((self.experiment().get("methods") or {}).keys())
+        found = [RunDir(p) for p in self.path.iterdir() if p.is_dir() and (p / "config.yaml").exists()]
+        rank = {name: i for i, name in enumerate(order)}
+        return sorted(found, key=lambda r: (rank.get(r.name, len(rank)), r.name))
+
+    def experiment(self) -> dict[str, Any]:
+        path = self.path / "experiment.yaml"
+        return yaml.safe_load(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+    @property
+    def baselines_file(self) -> Path:
+        return self.path / self.BASELINES / "metrics.json"

@@ -1,0 +1,99 @@
+"""What every task provides: data normalisation, the model and its head, features, outputs, metrics.
+
+The engine knows nothing about tasks: it trains on `featurize` output with `collator` and returns
+the model's raw outputs; the task turns those into per-example predictions (`predict`) and scores
+them (`score`). A task's options (its own schema, `Options`) are also its saved state: fitted values
+such as the label list are written back into them, so a run can rebuild its task from config.yaml.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+from datasets import Dataset, DatasetDict
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from peftlab.models import ModelSource
+
+Prediction = dict[str, Any]
+
+
+class TaskOptions(BaseModel):
+    """Base of each task's options schema: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Task:
+    """Base class of the registered tasks (see tasks/classification.py)."""
+
+    Options: ClassVar[type[TaskOptions]] = TaskOptions
+    peft_task_type: ClassVar[str]
+    primary_metric: ClassVar[str]
+    # metric name -> True when higher is better (used for sweeps, early stopping, report colouring)
+    higher_is_better: ClassVar[dict[str, bool]] = {}
+
+    def __init__(self, **options: Any) -> None:
+        self.options = self.Options.model_validate(options)
+
+    def state(self) -> dict[str, Any]:
+        """Options including fitted values: enough to rebuild this task for eval/predict."""
+        return self.options.model_dump()
+
+    # --- data ---------------------------------------------------------------------------------
+    def prepare(self, splits: DatasetDict, where: str) -> DatasetDict:
+        """Validate raw rows and map them to the task's canonical fields; fit labels on train."""
+        raise NotImplementedError
+
+    def examples_from_rows(self, rows: Dataset, where: str, labelled: bool = True) -> Dataset:
+        """Canonical examples from raw rows of a new file (eval, predict), with the fitted labels.
+
+        labelled=False (predict) accepts rows without a reference answer or label.
+        """
+        raise NotImplementedError
+
+    def assume_without_data(self) -> str:
+        """For `plan` when the data cannot be read: assume what sizes the head; say what was assumed."""
+        return "the task needs no data to size its model"
+
+    # --- model --------------------------------------------------------------------------------
+    def build_model(
+        self, source: ModelSource, tokenizer: Any, *, weights: bool = True, **load_kwargs: Any
+    ) -> nn.Module:
+        raise NotImplementedError
+
+    def head_modules(self, model: nn.Module) -> list[str]:
+        """Modules outside the pretrained backbone (the freshly initialised task head).
+
+        They are trained and saved by every method: a frozen random head would cripple PEFT runs.
+        The default takes the task model's children that have parameters, other than the backbone
+        (transformers names it `base_model_prefix`: bert, distilbert, model, ...).
+        """
+        backbone = getattr(model, "base_model_prefix", "")
+        return [
+            name for name, child in model.named_children() if name != backbone and any(True for _ in child.parameters())
+        ]
+
+    def featurize(self, examples: Dataset, tokenizer: Any, max_length: int) -> Dataset:
+        """Model inputs (and labels) only: the Trainer receives exactly these columns."""
+        raise NotImplementedError
+
+    def collator(self, tokenizer: Any) -> Callable:
+        from transformers import DataCollatorWithPadding
+
+        return DataCollatorWithPadding(tokenizer)
+
+    # --- outputs ------------------------------------------------------------------------------
+    def predict(self, outputs: Any, examples: Dataset, features: Dataset) -> list[Prediction]:
+        """One prediction record per example (id, prediction, reference, ...)."""
+        raise NotImplementedError
+
+    def score(self, predictions: list[Prediction]) -> dict[str, Any]:
+        """Metrics of a list of prediction records."""
+        raise NotImplementedError
+
+    def baselines(self, train: Dataset) -> dict[str, Callable[[Dataset], list[Prediction]]]:
+        """Model-free baselines fitted on train: name -> function(examples) -> predictions."""
+        return {}

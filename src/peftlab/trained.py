@@ -1,0 +1,96 @@
+"""A finished run, rebuilt from its folder: for `eval`, `predict`, `probe` and reload checks.
+
+The run's config.yaml holds everything needed: the model source, the task with its fitted state
+(e.g. labels), the method and its settings, and the training settings (seed, precision). The
+base model is rebuilt under the run's seed (so random-weight test models come back identical) and
+the method loads what training saved into adapter/.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset
+
+from peftlab import engine
+from peftlab.config import DataSpec, TrainSpec
+from peftlab.data.loading import load_rows
+from peftlab.errors import InputError
+from peftlab.methods import METHODS
+from peftlab.models import ModelSource, ensure_pad_token, resolve_model
+from peftlab.store import DONE, RunDir
+from peftlab.tasks import TASKS, Prediction, Task
+
+
+@dataclass
+class TrainedRun:
+    folder: RunDir
+    config: dict[str, Any]
+    task: Task
+    source: ModelSource
+    tokenizer: Any
+    model: Any
+    train: TrainSpec
+    precision: str
+
+    @property
+    def max_length(self) -> int:
+        return int(self.config["data"]["max_length"])
+
+    def predict(self, examples: Dataset) -> list[Prediction]:
+        """Predictions for canonical examples, exactly as the run's own evaluation made them."""
+        features = self.task.featurize(examples, self.tokenizer, self.max_length)
+        outputs, _ = engine.predict(
+            self.model, features, self.task.collator(self.tokenizer), self.train, precision=self.precision
+        )
+        return self.task.predict(outputs, examples, features)
+
+
+def load_run(path: Path | str) -> TrainedRun:
+    """Rebuild a finished run's trained model; InputError when the folder is not a finished run."""
+    from transformers import AutoTokenizer, set_seed
+
+    folder = RunDir(Path(path))
+    if not folder.config_file.exists():
+        raise InputError(f"{path}: not a run folder (no config.yaml); expected runs/<experiment>/<run>/")
+    if folder.status().get("state") != DONE or not folder.adapter_dir.exists():
+        raise InputError(
+            f"{path}: the run is not finished (status: {folder.status().get('state')}); "
+            "run the experiment again to complete it"
+        )
+    config = folder.config()
+    task_state = dict(config["task"])
+    task = TASKS.get(task_state.pop("name"))(**task_state)
+    source = resolve_model(config["model"])
+    tokenizer = ensure_pad_token(AutoTokenizer.from_pretrained(folder.adapter_dir))
+    train = TrainSpec.model_validate(config["train"])
+    method = METHODS.get(config["method"])(**_settings_for(config))
+
+    def build(saved: str | None) -> Any:
+        set_seed(train.seed)
+        if saved is None:
+            return task.build_model(source, tokenizer, **method.load_kwargs())
+        return task.build_model(resolve_model(saved), tokenizer)
+
+    model = method.load(build, folder.adapter_dir)
+    model.eval()
+    return TrainedRun(folder, config, task, source, tokenizer, model, train, engine.resolve_precision(train.precision))
+
+
+def _settings_for(config: dict[str, Any]) -> dict[str, Any]:
+    """The method settings as the user gave them (resolved defaults are valid settings too)."""
+    return dict(config.get("settings") or {})
+
+
+def examples_for(run: TrainedRun, data: str, split: str | None, labelled: bool = True) -> tuple[Dataset, str]:
+    """Canonical examples from a file, folder, asset or hub dataset, using the run's task settings."""
+    spec = DataSpec(source=data, max_length=run.max_length)
+    rows, where = load_rows(spec, split)
+    return run.task.examples_from_rows(rows, where, labelled=labelled), where
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-")[:80] or "data"
