@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import time
 import traceback
@@ -21,13 +22,14 @@ from typing import Any
 from datasets import Dataset, DatasetDict
 
 from peftlab import engine
-from peftlab.config import LoadedExperiment, RunSpec
-from peftlab.data.loading import describe_source, load_splits
+from peftlab.config import DataSpec, ExtraEvalSpec, LoadedExperiment, RunSpec
+from peftlab.data.loading import describe_source, load_rows, load_splits
 from peftlab.errors import EXIT_OK, EXIT_RUN_FAILED, InputError
-from peftlab.executor import jobs_for, run_in_processes
+from peftlab.executor import jobs_for, run_in_processes, run_in_ray
 from peftlab.methods import METHODS, count_parameters
 from peftlab.models import ModelSource, load_config, load_tokenizer, resolve_model
 from peftlab.store import DONE, FAILED, RUNNING, ExperimentDir, RunDir, write_json, write_jsonl, write_yaml
+from peftlab.sweep import run_meta, run_protocol
 from peftlab.tasks import TASKS, Task
 
 Log = Callable[[str], None]
@@ -70,7 +72,12 @@ def run_config(prep: Prepared, run: RunSpec) -> dict[str, Any]:
         "data": spec.data.model_dump(),
         "train": run.train.model_dump(),
     }
-    return {**body, "fingerprint": fingerprint(body)}
+    if run.data_fraction < 1:
+        body["data_fraction"] = run.data_fraction
+    if run.eval_splits is not None:
+        body["eval_splits"] = list(run.eval_splits)
+    meta = run_meta(run)  # where the run sits in a sweep: not a setting, so not fingerprinted
+    return {**body, "fingerprint": fingerprint(body), **({"sweep": meta} if meta else {})}
 
 
 # --- preparation -----------------------------------------------------------------------------
@@ -87,6 +94,8 @@ def prepare(exp: LoadedExperiment, log: Log = log_line) -> Prepared:
         examples = task.prepare(splits, describe_source(spec.data))
     except InputError as exc:
         raise InputError(f"{exp.path}: {exc}") from None
+    for name, extra in spec.evaluate.extra.items():
+        examples[name] = extra_examples(exp, task, name, extra)
     log("data: " + ", ".join(f"{name} {len(ds)}" for name, ds in examples.items()))
     source = resolve_model(spec.model, exp.base_dir)
     config, _ = load_config(source)
@@ -99,16 +108,29 @@ def prepare(exp: LoadedExperiment, log: Log = log_line) -> Prepared:
     return Prepared(exp, task, source, config.model_type, tokenizer, examples, features, ExperimentDir(exp.runs_dir))
 
 
-def check_existing(prep: Prepared, fresh: bool, log: Log) -> None:
+def extra_examples(exp: LoadedExperiment, task: Task, name: str, extra: ExtraEvalSpec) -> Dataset:
+    """More evaluation data (`evaluate.extra`), read with the task's fitted labels; InputError if unfit."""
+    spec = DataSpec(source=extra.source, config_name=extra.config_name, max_length=exp.spec.data.max_length)
+    try:
+        rows, where = load_rows(spec, extra.split, exp.base_dir)
+        examples = task.examples_from_rows(rows, where)
+    except InputError as exc:
+        raise InputError(f"{exp.path}: evaluate.extra.{name}: {exc}") from None
+    if extra.limit is not None and extra.limit < len(examples):
+        examples = examples.shuffle(seed=exp.spec.data.seed).select(range(extra.limit))
+    return examples
+
+
+def check_existing(prep: Prepared, fresh: bool, log: Log, runs: list[RunSpec] | None = None) -> None:
     """A run folder written with other settings is an error unless --fresh moves it aside."""
     conflicts = []
-    for run in prep.exp.runs:
+    for run in prep.exp.runs if runs is None else runs:
         folder = prep.store.run(run.name)
         old = folder.config()
         if not old or old.get("fingerprint") == run_config(prep, run)["fingerprint"]:
             continue
         if fresh:
-            backup = folder.path.with_name(f"{run.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+            backup = folder.path.with_name(f"{folder.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
             folder.path.rename(backup)
             log(f"[{run.name}] settings changed: moved the old run to {backup.name}")
         else:
@@ -139,9 +161,17 @@ def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") ->
 
 
 def run_experiment(
-    exp: LoadedExperiment, *, fresh: bool = False, executor: str = "process", workers: int = 1, log: Log = log_line
+    exp: LoadedExperiment,
+    *,
+    fresh: bool = False,
+    executor: str | None = None,
+    workers: int = 1,
+    log: Log = log_line,
 ) -> int:
-    """Train and evaluate every run of the experiment, then write the report. Returns an exit code."""
+    """Train and evaluate every run of the experiment, then write the report. Returns an exit code.
+
+    `executor` (process | inline | ray) overrides the experiment file's `executor.name`.
+    """
     if workers < 1:
         raise InputError(f"--workers: expected a number >= 1, got {workers}")
     engine.set_threads()
@@ -152,12 +182,8 @@ def run_experiment(
     write_json(prep.store.path / "data.json", data_summary(prep.examples))
     if exp.spec.evaluate.baselines:
         compute_baselines(prep, log)
-    todo = [run for run in exp.runs if not is_done(prep, run, log)]
-    if executor == "inline":
-        failed = [run.name for run in todo if not execute_run(prep, run, log)]
-    else:
-        jobs = jobs_for(exp.path, exp.overrides, todo, [prep.store.run(r.name) for r in todo], workers)
-        failed = run_in_processes(jobs, workers, log)
+    kind = executor or exp.spec.executor.name
+    failed = run_protocol(prep, lambda runs: execute_runs(prep, runs, kind, workers, log), fresh, log)
     from peftlab.report import build_report
 
     paths = build_report(prep.store.path)
@@ -166,6 +192,17 @@ def run_experiment(
         log(f"{len(failed)} run(s) failed: {', '.join(failed)} (errors in their status.json)")
         return EXIT_RUN_FAILED
     return EXIT_OK
+
+
+def execute_runs(prep: Prepared, runs: list[RunSpec], executor: str, workers: int, log: Log) -> list[str]:
+    """Train the runs that are not done yet with the chosen executor; return the names that failed."""
+    todo = [run for run in runs if not is_done(prep, run, log)]
+    if executor == "inline":
+        return [run.name for run in todo if not execute_run(prep, run, log)]
+    jobs = jobs_for(prep.exp.path, prep.exp.overrides, todo, [prep.store.run(r.name) for r in todo], workers)
+    if executor == "ray":
+        return run_in_ray(jobs, prep.exp.spec.executor, log)
+    return run_in_processes(jobs, workers, log)
 
 
 def is_done(prep: Prepared, run: RunSpec, log: Log) -> bool:
@@ -244,9 +281,10 @@ def train_and_evaluate(prep: Prepared, run: RunSpec, folder: RunDir, log: Log) -
         f"({100 * trainable / total:.3f}%), lr {run.train.lr:g}, {precision}"
     )
     collator = prep.task.collator(prep.tokenizer)
+    train_set = training_set(prep, run)
     result = engine.train(
         model,
-        prep.features["train"],
+        train_set,
         prep.features.get("validation"),
         collator,
         run.train,
@@ -256,8 +294,9 @@ def train_and_evaluate(prep: Prepared, run: RunSpec, folder: RunDir, log: Log) -
         label=run.name,
     )
     evaluation = evaluate_splits(prep, model, run, folder, precision, log)
-    method.save(model, folder.adapter_dir)
-    prep.tokenizer.save_pretrained(folder.adapter_dir)
+    if run.save_model:
+        method.save(model, folder.adapter_dir)
+        prep.tokenizer.save_pretrained(folder.adapter_dir)
     epochs = max(result.epochs_run, 1e-9)
     metrics = {
         "run": run.name,
@@ -273,7 +312,7 @@ def train_and_evaluate(prep: Prepared, run: RunSpec, folder: RunDir, log: Log) -
             "samples_per_second": result.samples_per_second,
             "tokens_per_second": result.tokens_per_second,
             "tokens_seen": result.tokens_seen,
-            "train_examples": len(prep.features["train"]),
+            "train_examples": len(train_set),
             "resumed_from": result.resumed_from,
         },
         "memory": {"peak_mib": result.peak_memory_mib, "kind": result.memory_kind},
@@ -293,13 +332,22 @@ def train_and_evaluate(prep: Prepared, run: RunSpec, folder: RunDir, log: Log) -
     return metrics
 
 
+def training_set(prep: Prepared, run: RunSpec) -> Dataset:
+    """The run's training examples: all, or a seeded sample of `data_fraction` of them (sweep points)."""
+    data = prep.features["train"]
+    if run.data_fraction >= 1:
+        return data
+    count = max(1, math.ceil(run.data_fraction * len(data)))
+    return data.shuffle(seed=prep.exp.spec.data.seed).select(range(count))
+
+
 def evaluate_splits(
     prep: Prepared, model: Any, run: RunSpec, folder: RunDir, precision: str, log: Log
 ) -> dict[str, dict[str, Any]]:
     """Predict and score each evaluated split; predictions go to predictions/<split>.jsonl."""
     out = {}
     collator = prep.task.collator(prep.tokenizer)
-    for split in prep.exp.spec.evaluate.splits:
+    for split in run.eval_splits or prep.exp.spec.evaluate.all_splits():
         outputs, seconds = engine.predict(model, prep.features[split], collator, run.train, precision=precision)
         predictions = prep.task.predict(outputs, prep.examples[split], prep.features[split])
         write_jsonl(folder.predictions_dir / f"{split}.jsonl", predictions)
@@ -318,7 +366,7 @@ def compute_baselines(prep: Prepared, log: Log) -> None:
             "model": str(spec.model),
             "data": spec.data.model_dump(),
             "task": prep.task.state(),
-            "splits": spec.evaluate.splits,
+            "splits": spec.evaluate.all_splits(),
             "seed": spec.train.seed,
         }
     )
@@ -329,7 +377,9 @@ def compute_baselines(prep: Prepared, log: Log) -> None:
         return
     results: dict[str, dict[str, Any]] = {}
     for name, predict_fn in prep.task.baselines(prep.examples["train"]).items():
-        results[name] = {split: prep.task.score(predict_fn(prep.examples[split])) for split in spec.evaluate.splits}
+        results[name] = {
+            split: prep.task.score(predict_fn(prep.examples[split])) for split in spec.evaluate.all_splits()
+        }
     log("baseline: evaluating the untrained model ...")
     first = prep.exp.runs[0] if prep.exp.runs else None
     train_spec = first.train if first else spec.train
@@ -340,7 +390,7 @@ def compute_baselines(prep: Prepared, log: Log) -> None:
     precision = engine.resolve_precision(train_spec.precision)
     collator = prep.task.collator(prep.tokenizer)
     untrained = {}
-    for split in spec.evaluate.splits:
+    for split in spec.evaluate.all_splits():
         outputs, _ = engine.predict(model, prep.features[split], collator, train_spec, precision=precision)
         predictions = prep.task.predict(outputs, prep.examples[split], prep.features[split])
         write_jsonl(target.parent / "predictions" / f"untrained-{split}.jsonl", predictions)

@@ -137,12 +137,21 @@ class ExperimentDir:
     def run(self, name: str) -> RunDir:
         return RunDir(self.path / name)
 
-    def runs(self) -> list[RunDir]:
-        """Run folders (those with a config.yaml), in the order the experiment lists them."""
+    def runs(self, sub: str = "") -> list[RunDir]:
+        """Run folders (those with a config.yaml) in the order the experiment lists them; sweep
+        points after their method entry, in grid order. `sub`: a sub-folder (e.g. sweep/)."""
         order = list((self.experiment().get("methods") or {}).keys())
-        found = [RunDir(p) for p in self.path.iterdir() if p.is_dir() and (p / "config.yaml").exists()]
+        where = self.path / sub
+        if not where.is_dir():
+            return []
+        found = [RunDir(p) for p in where.iterdir() if p.is_dir() and (p / "config.yaml").exists()]
         rank = {name: i for i, name in enumerate(order)}
-        return sorted(found, key=lambda r: (rank.get(r.name, len(rank)), r.name))
+
+        def key(run: RunDir) -> tuple[int, int, str]:
+            meta = run.config().get("sweep") or {}
+            return rank.get(meta.get("base", run.name), len(rank)), int(meta.get("index", 0)), run.name
+
+        return sorted(found, key=key)
 
     def experiment(self) -> dict[str, Any]:
         path = self.path / "experiment.yaml"

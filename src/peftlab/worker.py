@@ -13,8 +13,12 @@ import os
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from peftlab.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_RUN_FAILED, InputError
+
+if TYPE_CHECKING:
+    from peftlab.executor import WorkerJob
 
 
 def _exit_with_parent() -> None:
@@ -29,22 +33,32 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, daemon=True, name="peftlab-parent-watch").start()
 
 
-def main(argv: list[str]) -> int:
+def run_job(job: WorkerJob) -> int:
+    """Train the job's run in this process (a worker process or a Ray task); return an exit code."""
     from peftlab.cli import quiet_libraries
-    from peftlab.config import load_experiment
-    from peftlab.executor import WorkerJob
+    from peftlab.config import RunSpec, load_experiment
+    from peftlab.engine import set_threads
     from peftlab.experiment import execute_run, log_line, prepare
 
-    _exit_with_parent()
     quiet_libraries()
-    job = WorkerJob(**json.loads(argv[0]))
+    set_threads()
+    if job.cwd:
+        os.chdir(job.cwd)
     try:
-        exp = load_experiment(job.experiment, job.overrides, only=[job.run])
+        exp = load_experiment(job.experiment, job.overrides, only=None if job.spec else [job.run])
         prep = prepare(exp, log=lambda message: None)
     except InputError as exc:
         print(f"peftlab worker: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    return EXIT_OK if execute_run(prep, exp.runs[0], log_line) else EXIT_RUN_FAILED
+    run = RunSpec.from_dict(job.spec) if job.spec else exp.runs[0]
+    return EXIT_OK if execute_run(prep, run, log_line) else EXIT_RUN_FAILED
+
+
+def main(argv: list[str]) -> int:
+    from peftlab.executor import WorkerJob
+
+    _exit_with_parent()
+    return run_job(WorkerJob(**json.loads(argv[0])))
 
 
 if __name__ == "__main__":
