@@ -124,7 +124,7 @@ def run_in_ray(jobs: list[tuple[WorkerJob, RunDir]], spec: ExecutorSpec, log: Lo
     resources = {"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus}
     if spec.memory_gb:
         resources["memory"] = int(spec.memory_gb * 2**30)
-    task = ray.remote(ray_task).options(max_calls=1, max_retries=0, **resources)
+    task = ray.remote(max_calls=1, max_retries=0)(ray_task).options(**resources)
     threads = max(1, int(spec.num_cpus))
     pending = {task.remote(json.dumps({**job.__dict__, "threads": threads})): (job, folder) for job, folder in jobs}
     log(f"ray: {len(pending)} run(s) submitted, each with {_describe(resources)}")
