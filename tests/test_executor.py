@@ -45,7 +45,8 @@ def test_workers_run_points_in_parallel_processes(tmp_path: Path, monkeypatch: p
     assert all(job["threads"] == max(1, (os.cpu_count() or 1) // 2) for _, job, _ in started)
     for name in ("lora-r2", "lora-r4"):
         metrics = json.loads((tmp_path / "runs" / "tiny" / name / "metrics.json").read_text())
-        assert metrics["settings"]["r"] == int(name[-1]) and metrics["hardware"]["cpu_threads"] == started[0][1]["threads"]
+        assert metrics["settings"]["r"] == int(name[-1])
+        assert metrics["hardware"]["cpu_threads"] == started[0][1]["threads"]
 
 
 def test_ray_executor_runs_points_as_tasks_on_an_existing_cluster(tmp_path: Path) -> None:
