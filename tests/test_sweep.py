@@ -225,7 +225,9 @@ def test_a_failed_point_is_recorded_and_the_others_go_on(tmp_path: Path) -> None
     assert code == EXIT_RUN_FAILED and status["state"] == "failed" and "No modules were targeted" in status["error"]
     final = json.loads((root / "lora" / "metrics.json").read_text())
     assert final["settings"]["target_modules"] == ["query"]
-    assert "lora-target_modules_no_such_module (failed)" in (root / "report.md").read_text()
+    report = (root / "report.md").read_text()
+    assert "| target_modules [no_such_module] (failed) |" in report
+    assert "sweep/lora-target_modules_no_such_module failed: NoMatchingPeftModuleError: No modules were targeted" in report
 
 
 def test_an_evaluation_set_with_unknown_labels_fails_before_training(tmp_path: Path) -> None:

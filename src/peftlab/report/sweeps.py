@@ -103,9 +103,19 @@ def selection_blocks(exp_dir: ExperimentDir) -> list[Block]:
         f"validation {metric} per method (mean over seeds), then trained in full (Results)."
     )
     blocks: list[Block] = [Heading("Sweep (sweep-then-train)"), Table(header, rows, caption, bold)]
-    blocks += [Paragraph(note) for note in notes]
+    blocks += [Paragraph(note) for note in notes + _failures(exp_dir, record)]
     figure = _selection_figure(exp_dir, chosen, metric)
     return blocks + ([figure] if figure else [])
+
+
+def _failures(exp_dir: ExperimentDir, record: dict[str, Any]) -> list[str]:
+    names = [name for points in record.get("bases", {}).values() for p in points for name in p["runs"]]
+    failed = [(name, exp_dir.run(name).status()) for name in names]
+    return [
+        f"{name} failed: {s.get('error', '')} (see {name}/error.log)"
+        for name, s in failed
+        if s.get("state") == "failed"
+    ]
 
 
 def _state_text(result: PointResult) -> str:
