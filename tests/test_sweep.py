@@ -121,6 +121,12 @@ def test_sweep_then_train_makes_short_points_and_keeps_the_full_size_candidates(
     assert (exp.sweep.metric, exp.sweep.direction) == ("loss", "min")
 
 
+def test_only_keeps_the_named_entries_and_their_points(tmp_path: Path) -> None:
+    grid = {"train.lr": [1e-3, 1e-2], "lora.r": [1, 2]}
+    exp = load_experiment(write_experiment(tmp_path, tiny_experiment(tmp_path, sweep={"grid": grid})), only=["ia3"])
+    assert [r.name for r in exp.runs] == ["ia3-lr0.001", "ia3-lr0.01"]
+
+
 def test_grid_keys_can_come_from_set_overrides(tmp_path: Path) -> None:
     exp = load(tmp_path, ["sweep.grid.train.lr=[2e-4]"], methods={"lora": {}}, sweep={"grid": {"train.lr": [1e-3]}})
     assert [(r.name, r.train.lr) for r in exp.runs] == [("lora-lr0.0002", 2e-4)]

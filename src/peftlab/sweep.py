@@ -99,7 +99,7 @@ def expand(spec: Experiment, task: TaskSpec, runs: list[RunSpec], problems: Any)
     grid = flatten_grid(sweep.grid) if sweep is not None else {}
     if sweep is not None and not grid:
         problems.add(("sweep", "grid"), "empty grid: give at least one KEY: [values]")
-    keys = {key: _parse_key(key, spec, runs, problems) for key in grid}
+    keys = {key: _parse_key(key, spec, problems) for key in grid}
     index = itertools.count()
     for run in runs:
         axes = _axes_for(run, {k: v for k, v in keys.items() if v is not None}, grid, problems)
@@ -154,7 +154,7 @@ def _check_protocol(sweep: SweepSpec, task: TaskSpec, plan: SweepPlan, problems:
         plan.epochs = sweep.epochs or DEFAULT_EPOCHS
 
 
-def _parse_key(key: str, spec: Experiment, runs: list[RunSpec], problems: Any) -> tuple[str, str, str] | None:
+def _parse_key(key: str, spec: Experiment, problems: Any) -> tuple[str, str, str] | None:
     """A grid key -> (scope, target, field): scope is '*', 'method:NAME' or 'run:NAME'."""
     from peftlab.methods import METHODS
 
@@ -166,7 +166,7 @@ def _parse_key(key: str, spec: Experiment, runs: list[RunSpec], problems: Any) -
         scope, rest = f"run:{parts[0]}", parts[1:]
     elif parts[0] in METHODS:
         scope, rest = f"method:{parts[0]}", parts[1:]
-        if not any(r.method == parts[0] for r in runs):
+        if not any(_run_method(spec, name) == parts[0] for name in spec.methods):
             problems.add(where, f"no run uses the method '{parts[0]}'")
             return None
     else:
