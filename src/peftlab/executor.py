@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from peftlab.config import ExecutorSpec, RunSpec
 from peftlab.errors import InputError
@@ -149,6 +150,15 @@ def run_in_ray(jobs: list[tuple[WorkerJob, RunDir]], spec: ExecutorSpec, log: Lo
         if started:
             ray.shutdown()
     return failed
+
+
+def require_ray() -> Any:
+    """The ray module, or an InputError saying how to install it (checked before anything runs)."""
+    try:
+        import ray
+    except ImportError:
+        raise InputError("executor ray: Ray is not installed; install the extra: pip install 'peftlab[ray]'") from None
+    return ray
 
 
 def _ray_init_kwargs(spec: ExecutorSpec) -> dict:

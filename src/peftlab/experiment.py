@@ -25,7 +25,7 @@ from peftlab import engine
 from peftlab.config import DataSpec, ExtraEvalSpec, LoadedExperiment, RunSpec
 from peftlab.data.loading import describe_source, load_rows, load_splits
 from peftlab.errors import EXIT_OK, EXIT_RUN_FAILED, InputError
-from peftlab.executor import jobs_for, run_in_processes, run_in_ray
+from peftlab.executor import jobs_for, require_ray, run_in_processes, run_in_ray
 from peftlab.methods import METHODS, count_parameters
 from peftlab.models import ModelSource, load_config, load_tokenizer, resolve_model
 from peftlab.store import DONE, FAILED, RUNNING, ExperimentDir, RunDir, write_json, write_jsonl, write_yaml
@@ -174,6 +174,9 @@ def run_experiment(
     """
     if workers < 1:
         raise InputError(f"--workers: expected a number >= 1, got {workers}")
+    kind = executor or exp.spec.executor.name
+    if kind == "ray":
+        require_ray()
     engine.set_threads()
     prep = prepare(exp, log)
     check_existing(prep, fresh, log)
@@ -182,7 +185,6 @@ def run_experiment(
     write_json(prep.store.path / "data.json", data_summary(prep.examples))
     if exp.spec.evaluate.baselines:
         compute_baselines(prep, log)
-    kind = executor or exp.spec.executor.name
     failed = run_protocol(prep, lambda runs: execute_runs(prep, runs, kind, workers, log), fresh, log)
     from peftlab.report import build_report
 
