@@ -137,7 +137,8 @@ def run_in_ray(jobs: list[tuple[WorkerJob, RunDir]], spec: ExecutorSpec, log: Lo
             try:
                 code: int | str = ray.get(done[0])
             except Exception as exc:  # the task's process died (RayTaskError, WorkerCrashedError, ...)
-                code = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                lines = [line for line in str(exc).splitlines() if line.strip()]  # the last: the cause
+                code = f"{type(exc).__name__}: {lines[-1][:300] if lines else ''}"
             if code != 0:
                 failed.append(job.run)
                 _mark_crashed(folder, code, log)
