@@ -12,7 +12,7 @@ import pytest
 
 from peftlab import executor
 from peftlab.config import load_experiment
-from peftlab.errors import EXIT_OK
+from peftlab.errors import EXIT_OK, InputError
 from peftlab.experiment import run_experiment
 from tests.conftest import tiny_experiment, write_experiment
 
@@ -77,3 +77,13 @@ def test_ray_executor_runs_points_as_tasks_on_an_existing_cluster(tmp_path: Path
         assert metrics["hardware"]["cpu_threads"] == 1  # the task's declared CPUs set its torch threads
         assert metrics["memory"]["peak_mib"] > 0 and metrics["eval"]["validation"]["n"] == 12
     assert "lora-r4" in (root / "report.md").read_text()
+
+
+def test_ray_executor_without_ray_is_an_input_error_before_anything_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    path = write_experiment(tmp_path, sweep_experiment(tmp_path))
+    with pytest.raises(InputError, match=r"pip install 'peftlab\[ray\]'"):
+        run_experiment(load_experiment(path), executor="ray", log=lambda m: None)
+    assert not (tmp_path / "runs").exists()

@@ -233,7 +233,8 @@ def test_a_failed_point_is_recorded_and_the_others_go_on(tmp_path: Path) -> None
     assert final["settings"]["target_modules"] == ["query"]
     report = (root / "report.md").read_text()
     assert "| target_modules [no_such_module] (failed) |" in report
-    assert "sweep/lora-target_modules_no_such_module failed: NoMatchingPeftModuleError: No modules were targeted" in report
+    failure = "sweep/lora-target_modules_no_such_module failed: NoMatchingPeftModuleError: No modules were targeted"
+    assert failure in report
 
 
 def test_an_evaluation_set_with_unknown_labels_fails_before_training(tmp_path: Path) -> None:
