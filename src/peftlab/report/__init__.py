@@ -34,13 +34,14 @@ def build_report(path: Path | str) -> dict[str, Path]:
     baselines = read_json(exp_dir.baselines_file, {}) or {}
     experiment = exp_dir.experiment()
     evaluate = experiment.get("evaluate") or {}
-    splits = list(evaluate.get("splits") or ["validation", "test"]) + list(evaluate.get("extra") or {})
-    columns = metric_columns(runs, baselines, splits)
+    splits = list(evaluate.get("splits") or ["validation", "test"])  # in domain: the best run, confusion matrices
+    scored = splits + list(evaluate.get("extra") or {})  # and the extra evaluation data by name
+    columns = metric_columns(runs, baselines, scored)
     rows = result_rows(runs, baselines, columns)
     title = f"peftlab report: {experiment.get('name', exp_dir.path.name)}"
     blocks = summary_blocks(exp_dir, experiment, runs)
     blocks += results_blocks(rows, columns, baselines.get("primary_metric"), splits)
-    blocks += sweep_blocks(exp_dir, runs, splits, baselines.get("primary_metric") or _primary(runs))
+    blocks += sweep_blocks(exp_dir, runs, scored, baselines.get("primary_metric") or _primary(runs))
     blocks += settings_blocks(runs)
     blocks += figure_blocks(exp_dir, runs, baselines, splits)
     blocks += per_class_blocks(runs, splits)
