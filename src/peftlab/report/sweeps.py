@@ -192,7 +192,12 @@ def _selection_figure(
 def _log_x(ax: Any, xs: list[float]) -> None:
     positive = [x for x in xs if x > 0]
     if positive and len(positive) == len(xs) and max(positive) / min(positive) >= 8:
-        ax.set_xscale("log", base=2 if all(float(x).is_integer() for x in positive) else 10)
+        integers = all(float(x).is_integer() for x in positive)
+        ax.set_xscale("log", base=2 if integers else 10)
+        if integers:  # label the grid's own values (1, 4, 16), not powers of two
+            ticks = sorted(set(positive))
+            ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+            ax.minorticks_off()
 
 
 # --- grid sweeps over one setting (e.g. LoRA rank) -------------------------------------------
