@@ -138,13 +138,17 @@ class ExperimentDir:
         return RunDir(self.path / name)
 
     def runs(self, sub: str = "") -> list[RunDir]:
-        """Run folders (those with a config.yaml) in the order the experiment lists them; sweep
-        points after their method entry, in grid order. `sub`: a sub-folder (e.g. sweep/)."""
+        """Run folders (those with a config.yaml, not moved aside) in the order the experiment lists
+        them; sweep points after their method entry, in grid order. `sub`: a sub-folder (sweep/)."""
         order = list((self.experiment().get("methods") or {}).keys())
         where = self.path / sub
         if not where.is_dir():
             return []
-        found = [RunDir(p) for p in where.iterdir() if p.is_dir() and (p / "config.yaml").exists()]
+        found = [
+            RunDir(p)
+            for p in where.iterdir()
+            if p.is_dir() and (p / "config.yaml").exists() and ".replaced-" not in p.name  # moved aside by --fresh
+        ]
         rank = {name: i for i, name in enumerate(order)}
 
         def key(run: RunDir) -> tuple[int, int, str]:
