@@ -71,9 +71,13 @@ def test_rank_sweep_with_seeds_and_a_reference(tmp_path: Path) -> None:
     for seed, acc in ((0, 0.80), (1, 0.80)):
         accuracy = {"validation": acc, "test": acc, "ood": 0.5}
         write_run(root, f"full-seed{seed}", method="full", base="full", accuracy=accuracy, trainable=1000)
+    old = {"validation": 0.0, "test": 0.0, "ood": 0.0}  # moved aside by --fresh: not a run any more
+    write_run(
+        root, "lora-r4-seed1.replaced-20261122-1200", method="lora", base="lora", point={"lora.r": 4}, accuracy=old
+    )
     build_report(root)
     md = (root / "report.md").read_text()
-    assert "## Sweep over r (lora)" in md
+    assert "## Sweep over r (lora)" in md and "replaced" not in md
     assert "| r | Trainable params | validation accuracy | test accuracy | ood accuracy |" in md
     assert "| 1 | 100 | 0.6200 ± 0.0141 | 0.6100 ± 0.0141 | 0.4100 ± 0.0141 |" in md
     assert "| 4 | 400 | 0.7300 ± 0.0283 | 0.7200 ± 0.0283 | 0.5200 ± 0.0283 |" in md
