@@ -158,10 +158,12 @@ def run_experiment(
     else:
         jobs = jobs_for(exp.path, exp.overrides, todo, [prep.store.run(r.name) for r in todo], workers)
         failed = run_in_processes(jobs, workers, log)
-    from peftlab.report import build_report
+    from peftlab.report import build_report, terminal_summary
 
     paths = build_report(prep.store.path)
-    log(f"report: {paths['html']}")
+    for line in terminal_summary(prep.store.path).splitlines():
+        log(line)
+    log(f"report: {paths['html']} (also report.md, results.csv)")
     if failed:
         log(f"{len(failed)} run(s) failed: {', '.join(failed)} (errors in their status.json)")
         return EXIT_RUN_FAILED
