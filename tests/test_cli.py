@@ -49,7 +49,8 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     exp = tiny_experiment(
         tmp_path, methods={"lora": {"r": 2}}, train={"epochs": 1, "batch_size": 16, "precision": "fp32"}
     )
-    assert main(["run", str(write_experiment(tmp_path, exp)), "--executor", "inline"]) == EXIT_OK
+    # the default executor: the run trains in a worker process
+    assert main(["run", str(write_experiment(tmp_path, exp))]) == EXIT_OK
     return tmp_path / "runs" / "tiny" / "lora"
 
 

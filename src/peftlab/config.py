@@ -353,24 +353,46 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def _format_pydantic(exc: ValidationError, model: type[BaseModel], prefix: tuple[str, ...]) -> list[tuple]:
-    """Turn pydantic errors into (key path, message) pairs with did-you-mean for unknown keys."""
-    out = []
+    """Turn pydantic errors into (key path, message) pairs with did-you-mean for unknown keys.
+
+    A value that fails every member of a union (e.g. `lr: float | 'auto'`) gives one error per
+    member; they are merged into one "expected A or B" message. When a mapping was given for a
+    `str | Spec` union, only the Spec's own errors are kept: the user clearly meant the mapping form.
+    """
+    found: dict[tuple[str, ...], list[str]] = {}
     for err in exc.errors():
         loc = tuple(str(p) for p in err["loc"] if not _is_union_tag(p))
-        path = prefix + loc
-        if err["type"] == "extra_forbidden":
-            known = _fields_at(model, loc[:-1])
-            msg = f"unknown key{did_you_mean(loc[-1], known)}"
-            if known:
-                msg += f"; expected one of: {', '.join(sorted(known))}"
-        elif err["type"] == "missing":
-            msg = "required key is missing"
-        else:
-            got = err.get("input")
-            shown = "" if isinstance(got, dict | list) else f" (got {got!r})"
-            msg = err["msg"] + shown
-        out.append((path, msg))
+        found.setdefault(prefix + loc, []).append(_message(err, model, loc))
+    deeper = {path[:n] for path in found for n in range(len(path))}
+    out = []
+    for path, messages in found.items():
+        if path in deeper and all(m.startswith("Input should be a valid") for m in messages):
+            continue
+        out.append((path, messages[0] if len(messages) == 1 else _merge(messages)))
     return out
+
+
+def _message(err: dict[str, Any], model: type[BaseModel], loc: tuple[str, ...]) -> str:
+    if err["type"] == "extra_forbidden":
+        known = _fields_at(model, loc[:-1])
+        msg = f"unknown key{did_you_mean(loc[-1], known)}"
+        return msg + (f"; expected one of: {', '.join(sorted(known))}" if known else "")
+    if err["type"] == "missing":
+        return "required key is missing"
+    got = err.get("input")
+    return err["msg"] + ("" if isinstance(got, dict | list) else f" (got {got!r})")
+
+
+def _merge(messages: list[str]) -> str:
+    """'Input should be X (got v)' + 'Input should be Y (got v)' -> 'expected X, or Y (got v)'."""
+    got = ""
+    parts = []
+    for message in messages:
+        if " (got " in message:
+            message, got = message.rsplit(" (got ", 1)
+            got = f" (got {got}"
+        parts.append(message.removeprefix("Input should be ").removeprefix("Value error, "))
+    return "expected " + ", or ".join(dict.fromkeys(parts)) + got
 
 
 def _is_union_tag(part: Any) -> bool:

@@ -186,10 +186,12 @@ def run_experiment(
     if exp.spec.evaluate.baselines:
         compute_baselines(prep, log)
     failed = run_protocol(prep, lambda runs: execute_runs(prep, runs, kind, workers, log), fresh, log)
-    from peftlab.report import build_report
+    from peftlab.report import build_report, terminal_summary
 
     paths = build_report(prep.store.path)
-    log(f"report: {paths['html']}")
+    for line in terminal_summary(prep.store.path).splitlines():
+        log(line)
+    log(f"report: {paths['html']} (also report.md, results.csv)")
     if failed:
         log(f"{len(failed)} run(s) failed: {', '.join(failed)} (errors in their status.json)")
         return EXIT_RUN_FAILED

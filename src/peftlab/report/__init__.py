@@ -53,6 +53,34 @@ def build_report(path: Path | str) -> dict[str, Path]:
     return out
 
 
+def terminal_summary(path: Path | str) -> str:
+    """A compact results table for the terminal: run, method, trainable %, train time, primary metric."""
+    exp_dir = ExperimentDir(Path(path))
+    baselines = read_json(exp_dir.baselines_file, {}) or {}
+    evaluate = exp_dir.experiment().get("evaluate") or {}
+    splits = list(evaluate.get("splits") or ["validation", "test"]) + list(evaluate.get("extra") or {})
+    runs = exp_dir.runs()
+    primary = baselines.get("primary_metric") or next(iter(metric_columns(runs, baselines, splits)), ("", ""))[1]
+    columns = [(split, primary) for split in splits]
+    header = ["run", "method", "trainable %", "train time"] + [f"{s} {m}" for s, m in columns]
+    body = [
+        [
+            row["run"] + ("" if row["status"] == DONE else f" ({row['status']})"),
+            row["method"],
+            fmt_num(row.get("trainable_pct"), 3),
+            fmt_seconds(row.get("train_seconds")),
+        ]
+        + [fmt_metric(row.get(f"{s}_{m}")) for s, m in columns]
+        for row in result_rows(runs, baselines, columns)
+    ]
+    widths = [max(len(str(cell)) for cell in col) for col in zip(header, *body, strict=True)]
+    lines = [
+        "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+        for r in [header, *body]
+    ]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
+
+
 # --- collecting ------------------------------------------------------------------------------
 
 
