@@ -137,16 +137,13 @@ class ExperimentDir:
     def run(self, name: str) -> RunDir:
         return RunDir(self.path / name)
 
-    def runs(self, sub: str = "") -> list[RunDir]:
+    def runs(self) -> list[RunDir]:
         """Run folders (those with a config.yaml, not moved aside) in the order the experiment lists
-        them; sweep points after their method entry, in grid order. `sub`: a sub-folder (sweep/)."""
+        them; the points of a sweep after their method entry, in grid order."""
         order = list((self.experiment().get("methods") or {}).keys())
-        where = self.path / sub
-        if not where.is_dir():
-            return []
         found = [
             RunDir(p)
-            for p in where.iterdir()
+            for p in self.path.iterdir()
             if p.is_dir() and (p / "config.yaml").exists() and ".replaced-" not in p.name  # moved aside by --fresh
         ]
         rank = {name: i for i, name in enumerate(order)}
