@@ -30,10 +30,13 @@ class Task:
     """Base class of the registered tasks (see tasks/classification.py)."""
 
     Options: ClassVar[type[TaskOptions]] = TaskOptions
-    peft_task_type: ClassVar[str]
+    peft_task_type: ClassVar[str | None]  # None: PEFT has no task type for it (a plain PeftModel)
     primary_metric: ClassVar[str]
-    # metric name -> True when higher is better (used for sweeps, early stopping, report colouring)
+    # metric name -> True when higher is better (used for sweeps, early stopping, report colouring);
+    # these are also the scalar metrics logged on the validation split after each epoch
     higher_is_better: ClassVar[dict[str, bool]] = {}
+    # the metrics a multi-task summary table shows for this task (default: the primary metric)
+    headline_metrics: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, **options: Any) -> None:
         self.options = self.Options.model_validate(options)
@@ -97,3 +100,18 @@ class Task:
     def baselines(self, train: Dataset) -> dict[str, Callable[[Dataset], list[Prediction]]]:
         """Model-free baselines fitted on train: name -> function(examples) -> predictions."""
         return {}
+
+
+class WithoutColumns:
+    """A collator that drops bookkeeping columns (e.g. word ids) before the wrapped collator pads the rest.
+
+    Tasks keep such columns in their features so that `predict` can map outputs back to examples;
+    the model must not receive them.
+    """
+
+    def __init__(self, collator: Callable, columns: tuple[str, ...]) -> None:
+        self.collator = collator
+        self.columns = columns
+
+    def __call__(self, features: list[dict[str, Any]]) -> Any:
+        return self.collator([{k: v for k, v in f.items() if k not in self.columns} for f in features])
