@@ -50,6 +50,10 @@ class Prepared:
     features: dict[str, Dataset]
     store: ExperimentDir
 
+    def inputs(self, split: str) -> Dataset:
+        """A split's model inputs (the features without the task's bookkeeping columns)."""
+        return self.task.model_inputs(self.features[split])
+
     @property
     def task_name(self) -> str:
         assert self.exp.task is not None
@@ -305,8 +309,8 @@ def train_and_evaluate(prep: Prepared, run: RunSpec, folder: RunDir, log: Log) -
     collator = prep.task.collator(prep.tokenizer)
     result = engine.train(
         model,
-        prep.features["train"],
-        prep.features.get("validation"),
+        prep.inputs("train"),
+        prep.inputs("validation") if "validation" in prep.features else None,
         collator,
         run.train,
         folder,
@@ -324,6 +328,7 @@ def train_and_evaluate(prep: Prepared, run: RunSpec, folder: RunDir, log: Log) -
         "run": run.name,
         "method": run.method,
         "settings": method.resolve(prep.model_type),
+        "task": task_summary(prep.task, prep.task_name),
         "params": {"trainable": trainable, "total": total, "trainable_pct": 100 * trainable / total},
         "train": {
             "train_seconds": result.train_seconds,
@@ -354,6 +359,15 @@ def train_and_evaluate(prep: Prepared, run: RunSpec, folder: RunDir, log: Log) -
     )
     log(f"[{run.name}] done in {result.train_seconds:.0f}s training: {summary}")
     return metrics
+
+
+def task_summary(task: Task, name: str) -> dict[str, Any]:
+    """What the report needs to know of the task: its name and which metrics lead its tables."""
+    return {
+        "name": name,
+        "primary_metric": task.primary_metric,
+        "headline_metrics": list(task.headline_metrics or (task.primary_metric,)),
+    }
 
 
 def validation_metrics(prep: Prepared) -> Any:
@@ -395,7 +409,7 @@ def evaluate_splits(
     out = {}
     collator = prep.task.collator(prep.tokenizer)
     for split in prep.exp.spec.evaluate.splits:
-        outputs, seconds = engine.predict(model, prep.features[split], collator, run.train, precision=precision)
+        outputs, seconds = engine.predict(model, prep.inputs(split), collator, run.train, precision=precision)
         predictions = prep.task.predict(outputs, prep.examples[split], prep.features[split])
         write_jsonl(folder.predictions_dir / f"{split}.jsonl", predictions)
         out[split] = {**prep.task.score(predictions), "eval_seconds": round(seconds, 3)}
@@ -436,9 +450,17 @@ def compute_baselines(prep: Prepared, log: Log) -> None:
     collator = prep.task.collator(prep.tokenizer)
     untrained = {}
     for split in spec.evaluate.splits:
-        outputs, _ = engine.predict(model, prep.features[split], collator, train_spec, precision=precision)
+        outputs, _ = engine.predict(model, prep.inputs(split), collator, train_spec, precision=precision)
         predictions = prep.task.predict(outputs, prep.examples[split], prep.features[split])
         write_jsonl(target.parent / "predictions" / f"untrained-{split}.jsonl", predictions)
         untrained[split] = prep.task.score(predictions)
     results["untrained model"] = untrained
-    write_json(target, {"fingerprint": key, "primary_metric": prep.task.primary_metric, "baselines": results})
+    write_json(
+        target,
+        {
+            "fingerprint": key,
+            "primary_metric": prep.task.primary_metric,
+            "headline_metrics": task_summary(prep.task, prep.task_name)["headline_metrics"],
+            "baselines": results,
+        },
+    )

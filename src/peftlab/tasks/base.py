@@ -37,6 +37,9 @@ class Task:
     higher_is_better: ClassVar[dict[str, bool]] = {}
     # the metrics a multi-task summary table shows for this task (default: the primary metric)
     headline_metrics: ClassVar[tuple[str, ...]] = ()
+    # columns of `featurize` output that are bookkeeping for `predict` (e.g. which example a window
+    # belongs to, character offsets), not model inputs: `model_inputs` drops them for the Trainer
+    bookkeeping_columns: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, **options: Any) -> None:
         self.options = self.Options.model_validate(options)
@@ -80,8 +83,13 @@ class Task:
         ]
 
     def featurize(self, examples: Dataset, tokenizer: Any, max_length: int) -> Dataset:
-        """Model inputs (and labels) only: the Trainer receives exactly these columns."""
+        """Model inputs (and labels), plus the task's `bookkeeping_columns` for `predict`."""
         raise NotImplementedError
+
+    def model_inputs(self, features: Dataset) -> Dataset:
+        """The featurized rows without bookkeeping columns: exactly what the Trainer receives."""
+        drop = [c for c in self.bookkeeping_columns if c in features.column_names]
+        return features.remove_columns(drop) if drop else features
 
     def collator(self, tokenizer: Any) -> Callable:
         from transformers import DataCollatorWithPadding
@@ -100,18 +108,3 @@ class Task:
     def baselines(self, train: Dataset) -> dict[str, Callable[[Dataset], list[Prediction]]]:
         """Model-free baselines fitted on train: name -> function(examples) -> predictions."""
         return {}
-
-
-class WithoutColumns:
-    """A collator that drops bookkeeping columns (e.g. word ids) before the wrapped collator pads the rest.
-
-    Tasks keep such columns in their features so that `predict` can map outputs back to examples;
-    the model must not receive them.
-    """
-
-    def __init__(self, collator: Callable, columns: tuple[str, ...]) -> None:
-        self.collator = collator
-        self.columns = columns
-
-    def __call__(self, features: list[dict[str, Any]]) -> Any:
-        return self.collator([{k: v for k, v in f.items() if k not in self.columns} for f in features])

@@ -31,7 +31,7 @@ from torch import nn
 from peftlab.errors import InputError
 from peftlab.models import ModelSource, instantiate
 from peftlab.registry import TASKS
-from peftlab.tasks.base import Prediction, Task, TaskOptions, WithoutColumns
+from peftlab.tasks.base import Prediction, Task, TaskOptions
 
 WORD = re.compile(r"[a-z0-9']+")
 # Words that say nothing about topic; overlap counts the rest (a short fixed list keeps the cue
@@ -73,6 +73,7 @@ class MultipleChoice(Task):
     primary_metric = "accuracy"
     higher_is_better: ClassVar[dict[str, bool]] = {"accuracy": True}
     headline_metrics = ("accuracy",)
+    bookkeeping_columns = ("truncated",)
 
     @property
     def num_choices(self) -> int:
@@ -190,7 +191,7 @@ class MultipleChoice(Task):
         return examples.map(encode, batched=True, remove_columns=examples.column_names)
 
     def collator(self, tokenizer: Any) -> Callable:
-        return WithoutColumns(_ChoiceCollator(tokenizer), ("truncated",))
+        return _ChoiceCollator(tokenizer)
 
     # --- outputs ------------------------------------------------------------------------------
     def predict(self, outputs: Any, examples: Dataset, features: Dataset) -> list[Prediction]:

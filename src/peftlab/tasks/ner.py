@@ -39,7 +39,7 @@ from torch import nn
 from peftlab.errors import InputError
 from peftlab.models import ModelSource, instantiate
 from peftlab.registry import TASKS
-from peftlab.tasks.base import Prediction, Task, TaskOptions, WithoutColumns
+from peftlab.tasks.base import Prediction, Task, TaskOptions
 
 BIO = re.compile(r"^(O|[BI]-.+)$")
 TAG_FIELDS = ("tags", "ner_tags")
@@ -78,6 +78,7 @@ class Ner(Task):
         "token_accuracy": True,
     }
     headline_metrics = ("token_accuracy", "f1")
+    bookkeeping_columns = ("word_ids",)
 
     @property
     def labels(self) -> list[str]:
@@ -235,7 +236,7 @@ class Ner(Task):
     def collator(self, tokenizer: Any) -> Callable:
         from transformers import DataCollatorForTokenClassification
 
-        return WithoutColumns(DataCollatorForTokenClassification(tokenizer), ("word_ids",))
+        return DataCollatorForTokenClassification(tokenizer)
 
     # --- outputs ------------------------------------------------------------------------------
     def predict(self, outputs: Any, examples: Dataset, features: Dataset) -> list[Prediction]:
