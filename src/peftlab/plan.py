@@ -47,7 +47,14 @@ class PlanRow:
 
 def plan_experiment(exp: LoadedExperiment, log: Any = print) -> list[PlanRow]:
     """Count parameters and estimate memory for each run of the experiment (each model and task)."""
-    return [row for group in exp.groups() for row in _plan_group(group, log)]
+    said: set[str] = set()
+
+    def once(message: str) -> None:  # the groups of a multi-task experiment share their notes
+        if message not in said:
+            said.add(message)
+            log(message)
+
+    return [row for group in exp.groups() for row in _plan_group(group, once)]
 
 
 def _plan_group(exp: LoadedExperiment, log: Any) -> list[PlanRow]:
@@ -77,6 +84,8 @@ def _plan_group(exp: LoadedExperiment, log: Any) -> list[PlanRow]:
 
 def _fit_task(exp: LoadedExperiment, task: Task, log: Any) -> None:
     """Fit the task's state (e.g. labels, which size the head) from the data when it can be read."""
+    if not task.needs_data_to_build():
+        return
     try:
         splits = load_splits(exp.spec.data, exp.base_dir, needed=("train",))
     except InputError as exc:

@@ -60,6 +60,10 @@ class Task:
         """
         raise NotImplementedError
 
+    def needs_data_to_build(self) -> bool:
+        """Whether the model's size depends on the data (e.g. the label count); `plan` reads it only then."""
+        return True
+
     def assume_without_data(self) -> str:
         """For `plan` when the data cannot be read: assume what sizes the head; say what was assumed."""
         return "the task needs no data to size its model"

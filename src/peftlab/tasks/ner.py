@@ -100,6 +100,9 @@ class Ner(Task):
             self._check_tags(canonical[name], ds, f"{where} [{name}]")
         return canonical
 
+    def needs_data_to_build(self) -> bool:
+        return self.options.labels is None  # the tag set sizes the head
+
     def assume_without_data(self) -> str:
         if self.options.labels is not None:
             return f"using task.labels ({len(self.labels)} tags)"
