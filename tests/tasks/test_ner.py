@@ -118,10 +118,14 @@ def test_tag_outside_label_set_names_file_and_line(tmp_path: Path) -> None:
     (tmp_path / "validation.conll").write_text("paris\tB-location\n")
     (tmp_path / "test.conll").write_text("x\tO\n\npeter\tB-person\nsaw\tO\nrome\tB-city\n")
     splits = load_splits(DataSpec(source=str(tmp_path)))
-    with pytest.raises(InputError, match=r"validation\.conll:1: word 1 \('paris'\): tag 'B-location' is not in"):
-        Ner().prepare(splits, "d")
+    fitted = Ner()
+    fitted.prepare(splits, "d")  # fitted on every split: validation's location type is in the set
+    assert fitted.labels == ["O", "B-city", "I-city", "B-location", "I-location", "B-person", "I-person"]
     with pytest.raises(InputError, match=r"test\.conll:3: word 3 \('rome'\): tag 'B-city' is not in"):
         Ner(labels=["O", "B-person", "I-person", "B-location", "I-location"]).prepare(splits, "d")
+    new = Dataset.from_list([{"id": "n1", "tokens": ["oslo"], "tags": ["B-town"]}])
+    with pytest.raises(InputError, match=r"new: example n1 \(row 1\): word 1 \('oslo'\): tag 'B-town' is not in"):
+        fitted.examples_from_rows(new, "new")
 
 
 @pytest.mark.parametrize(

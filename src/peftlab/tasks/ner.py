@@ -5,10 +5,11 @@ Inputs: rows with a list of words (`tokens`) and one BIO tag per word (`tags`, o
 token<TAB>tag, a blank line between sentences), an asset (`wnut16`) or the hub (`wnut_17`,
 `conll2003`).
 
-Labels: the hub's tag names when it has them; else `task.labels`; else fitted on train: every tag
-seen in train plus the B-/I- partner of each entity type, "O" first. A tag outside the label set
-(a type that never occurs in train, a typo, a non-BIO tag) is an error naming the file and line
-(CoNLL) or the example id, and the word.
+Labels: `task.labels` when given; else the hub's tag names; else fitted on the data: every entity
+type that occurs in any split (so a train limit cannot drop a rare type), as B- and I-, "O" first.
+A tag outside the label set (not in `task.labels` or the hub's names, or, for `eval`/`predict`,
+not in the run's labels) or a non-BIO tag is an error naming the file and line (CoNLL) or the
+example id, and the word.
 
 Sub-words: each word's first sub-token carries its tag; the others are ignored in the loss (-100),
 or, with `label_all_subtokens: true`, carry the word's tag with B- turned into I- (as transformers'
@@ -92,8 +93,8 @@ class Ner(Task):
         if self.options.labels is None:
             self.options.labels = names
         canonical = DatasetDict({name: self._canonical(ds, f"{where} [{name}]") for name, ds in splits.items()})
-        if self.options.labels is None:
-            self.options.labels = bio_labels(set(tag for tags in canonical["train"]["tags"] for tag in tags))
+        if self.options.labels is None:  # every split's tags: a train limit must not drop a rare type
+            self.options.labels = bio_labels({tag for ds in canonical.values() for tags in ds["tags"] for tag in tags})
         if len(self.labels) < 2:
             raise InputError(f"{where} [train]: no entity tags at all (only 'O'); nothing to learn")
         for name, ds in splits.items():
