@@ -29,6 +29,7 @@ from pydantic import Field, PositiveInt
 from torch import nn
 
 from peftlab.errors import InputError
+from peftlab.metrics import softmax_rows
 from peftlab.models import ModelSource, instantiate
 from peftlab.registry import TASKS
 from peftlab.tasks.base import Prediction, Task, TaskOptions
@@ -198,9 +199,7 @@ class MultipleChoice(Task):
 
     # --- outputs ------------------------------------------------------------------------------
     def predict(self, outputs: Any, examples: Dataset, features: Dataset) -> list[Prediction]:
-        logits = np.asarray(outputs[0] if isinstance(outputs, tuple) else outputs, dtype=np.float64)
-        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-        probs /= probs.sum(axis=1, keepdims=True)
+        probs = softmax_rows(outputs)
         return [
             {
                 "id": ex["id"],
