@@ -156,7 +156,7 @@ def test_reloaded_multitask_runs_predict_as_saved(finished: Path) -> None:
     from peftlab.store import read_jsonl
     from peftlab.trained import load_run
 
-    for run in ("tiny.wnut.lora", "tiny.multiple_choice.full"):
+    for run in ("tiny.wnut.lora", "tiny.multiple_choice.full", "tiny.multiple_choice.lora"):
         saved = read_jsonl(finished / run / "predictions" / "test.jsonl")
         trained = load_run(finished / run)
         from datasets import Dataset
@@ -166,6 +166,22 @@ def test_reloaded_multitask_runs_predict_as_saved(finished: Path) -> None:
             [{k: r[k] for k in keys} | ({"start": ""} if "wnut" not in run else {}) for r in saved]
         )
         assert [p["prediction"] for p in trained.predict(examples)] == [p["prediction"] for p in saved]
+
+
+def test_worker_processes_train_the_runs_of_several_models(tmp_path: Path) -> None:
+    """models: with one task/data, through the process executor (each worker prepares only its group)."""
+    exp = multitask(tmp_path, models={"a": TINY_BERT, "b": TINY_BERT}, methods={"lora": {"r": 2}})
+    exp["task"], exp["data"] = "multiple_choice", {"source": str(DATA / "tiny_mc"), "max_length": 24}
+    del exp["tasks"]
+    exp["evaluate"] = {"baselines": False}
+    lines: list[str] = []
+    code = run_experiment(load(tmp_path, exp), executor="process", log=lines.append)
+    root = tmp_path / "runs" / "multi"
+    assert code == EXIT_OK, lines
+    for run in ("a.lora", "b.lora"):
+        assert json.loads((root / run / "status.json").read_text())["state"] == "done"
+    md = (root / "report.md").read_text()
+    assert "| Model & method | Trainable params | multiple_choice accuracy |" in md and "| b (lora) |" in md
 
 
 def test_plan_on_the_paper_config_gives_the_study_counts() -> None:
