@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -11,13 +12,14 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from peftlab.cli import main
 from peftlab.config import LoadedExperiment, load_experiment
 from peftlab.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_RUN_FAILED, InputError
 from peftlab.experiment import run_experiment
 from peftlab.store import read_jsonl
-from tests.conftest import DATA, tiny_experiment, write_experiment
+from tests.conftest import DATA, TINY_BERT, tiny_experiment, write_experiment
 
 FAST = {"epochs": 1, "batch_size": 8, "precision": "fp32"}
 
@@ -277,3 +279,76 @@ def test_killed_sweep_finishes_only_the_missing_points(tmp_path: Path) -> None:
     assert code == EXIT_OK and skipped == done_before
     assert sorted(skipped + trained) == [f"ia3-lr0.00{i}" for i in range(1, 6)]
     assert len(finished()) == 5
+
+
+# --- sweeps in a multi-task experiment -------------------------------------------------------
+
+
+def multitask(tmp_path: Path, **changes) -> dict:
+    """Two tasks (classification, multiple choice) over one tiny model."""
+    exp = tiny_experiment(tmp_path, name="multi", train=FAST, **changes)
+    del exp["model"], exp["task"], exp["data"]
+    exp["models"] = {"tiny": TINY_BERT}
+    exp["tasks"] = [
+        {"key": "cls", "task": "classification", "data": {"source": str(DATA / "tiny_cls"), "max_length": 32}},
+        {"key": "mc", "task": "multiple_choice", "data": {"source": str(DATA / "tiny_mc"), "max_length": 24}},
+    ]
+    exp["evaluate"] = {"baselines": False, "splits": ["validation"]}
+    return exp
+
+
+def test_a_multitask_sweep_expands_per_group_and_run_keys_name_the_method_entry(tmp_path: Path) -> None:
+    methods = {"full": {}, "lora": {"r": 4}, "small": {"method": "lora", "r": 2}}
+    grid = {"lora.r": [1, 2], "small.train.lr": [1e-3, 1e-4]}  # lora and small: method entries (RUN keys)
+    exp = load_experiment(write_experiment(tmp_path, multitask(tmp_path, methods=methods, sweep={"grid": grid})))
+    points = ["full", "lora-r1", "lora-r2", "small-lr0.001", "small-lr0.0001"]
+    assert [r.name for r in exp.runs] == [f"tiny.{task}.{p}" for task in ("cls", "mc") for p in points]
+    for group in exp.groups():
+        assert [r.name for r in group.runs] == [f"{group.group_name}.{p}" for p in points]
+        small = group.runs[3]
+        assert small.group == {**group.group, "method": "small"} and small.base == f"{group.group_name}.small"
+        assert (small.train.lr, small.settings["r"], small.point) == (1e-3, 2, {"small.train.lr": 1e-3})
+        assert group.sweep.runs == group.runs
+    assert exp.sweep.runs == exp.runs  # the groups' plans combined (what `plan` shows)
+    with pytest.raises(InputError, match=r"sweep\.grid\.tiny\.cls\.small\.r: unknown key: 'tiny'"):
+        bad = multitask(tmp_path, methods=methods, sweep={"grid": {"tiny.cls.small.r": [1]}})
+        load_experiment(write_experiment(tmp_path, bad))
+
+
+def test_sweep_then_train_selects_per_group_and_the_worker_trains_a_point_of_its_group(tmp_path: Path) -> None:
+    sweep = {"grid": {"lora.r": [1, 2]}, "protocol": "sweep-then-train", "fraction": 0.5}
+    exp = multitask(tmp_path, methods={"lora": {"r": 4}}, sweep=sweep)
+    code, lines = run(tmp_path, exp)
+    assert code == EXIT_OK, lines
+    root = tmp_path / "runs" / "multi"
+    record = json.loads((root / "sweep" / "sweep.json").read_text())
+    assert list(record["bases"]) == ["tiny.cls.lora", "tiny.mc.lora"]
+    assert record["bases"]["tiny.mc.lora"][1]["runs"] == ["sweep/tiny.mc.lora-r2"]
+    point_metrics = json.loads((root / "sweep" / "tiny.mc.lora-r1" / "metrics.json").read_text())
+    assert point_metrics["train"]["train_examples"] == 20
+    for group in ("cls", "mc"):
+        selected = next(line for line in lines if f"[tiny.{group}.lora] selected lora.r=" in line)
+        config = yaml.safe_load((root / f"tiny.{group}.lora" / "config.yaml").read_text())
+        assert config["settings"]["r"] == int(selected.split("lora.r=")[1].split(" ")[0])
+        assert config["group"] == {"model": "tiny", "task": group, "method": "lora"}
+        assert config["sweep"]["stage"] == "final"
+    report = (root / "report.md").read_text()
+    assert "| Model & method | Trainable params | cls accuracy | mc accuracy |" in report
+    assert report.split("## Sweep (sweep-then-train)")[0].count("| tiny (lora) |") == 1  # one summary row
+    assert "| **tiny.mc.lora** |" in report and "(tiny.cls.lora 24, tiny.mc.lora 20 examples)" in report
+
+    # The worker (process or Ray task) gets a RunSpec that is not in the file and prepares only its group.
+    from peftlab.executor import WorkerJob
+    from peftlab.worker import run_job
+
+    loaded = load_experiment(write_experiment(tmp_path, multitask(tmp_path, methods={"lora": {"r": 4}}, sweep=None)))
+    point = dataclasses.replace(loaded.groups()[1].runs[0], name="tiny.mc.lora-extra", train=loaded.runs[0].train)
+    job = WorkerJob(str(tmp_path / "exp.yaml"), [], point.name, 1, point.to_dict(), os.getcwd())
+    assert run_job(job) == EXIT_OK
+    metrics = json.loads((root / "tiny.mc.lora-extra" / "metrics.json").read_text())
+    assert metrics["task"]["name"] == "multiple_choice" and metrics["train"]["train_examples"] == 40
+    # the multi-task report lists a point of an entry as a row of its own, after the entry
+    from peftlab.report import build_report
+
+    summary = build_report(root)["md"].read_text().split("## Sweep")[0]
+    assert summary.index("| tiny (lora) | ") < summary.index("| tiny (lora-extra) | 1.1K | — | ")  # r 4

@@ -24,7 +24,7 @@ from datasets import Dataset, DatasetDict
 from peftlab import engine
 from peftlab.config import DataSpec, ExtraEvalSpec, LoadedExperiment, RunSpec
 from peftlab.data.loading import describe_source, load_rows, load_splits
-from peftlab.errors import EXIT_OK, EXIT_RUN_FAILED, InputError
+from peftlab.errors import EXIT_OK, EXIT_RUN_FAILED, InputError, did_you_mean
 from peftlab.executor import jobs_for, require_ray, run_in_processes, run_in_ray
 from peftlab.methods import METHODS, count_parameters
 from peftlab.models import ModelSource, load_config, load_tokenizer, resolve_model
@@ -52,6 +52,15 @@ class Prepared:
     features: dict[str, Dataset]
     store: ExperimentDir
 
+    def inputs(self, split: str) -> Dataset:
+        """A split's model inputs (the features without the task's bookkeeping columns)."""
+        return self.task.model_inputs(self.features[split])
+
+    @property
+    def task_name(self) -> str:
+        assert self.exp.task is not None
+        return self.exp.task.name
+
 
 def fingerprint(data: dict[str, Any]) -> str:
     """A short stable hash of settings, to tell whether a finished run used the same ones."""
@@ -62,16 +71,22 @@ def run_config(prep: Prepared, run: RunSpec) -> dict[str, Any]:
     """The resolved settings of one run, as written to <run>/config.yaml."""
     spec = prep.exp.spec
     method = METHODS.get(run.method)(**run.settings)
+    assert spec.model is not None and spec.data is not None
+    train = run.train.model_dump()
+    if train.get("early_stopping") is None:  # absent unless used: earlier runs keep their fingerprints
+        train.pop("early_stopping", None)
     body = {
         "experiment": spec.name,
         "run": run.name,
         "method": run.method,
         "settings": method.resolve(prep.model_type),
         "model": spec.model if isinstance(spec.model, str) else spec.model.model_dump(),
-        "task": {"name": prep.exp.task.name, **prep.task.state()},
+        "task": {"name": prep.task_name, **prep.task.state()},
         "data": spec.data.model_dump(),
-        "train": run.train.model_dump(),
+        "train": train,
     }
+    if run.group:
+        body["group"] = dict(run.group)
     if run.data_fraction < 1:
         body["data_fraction"] = run.data_fraction
     if run.eval_splits is not None:
@@ -84,11 +99,14 @@ def run_config(prep: Prepared, run: RunSpec) -> dict[str, Any]:
 
 
 def prepare(exp: LoadedExperiment, log: Log = log_line) -> Prepared:
-    """Load and check data, model source and method settings; nothing trains here."""
+    """Load and check data, model source and method settings of one (model, task); nothing trains here."""
     spec = exp.spec
+    assert exp.task is not None and spec.data is not None, "prepare() takes one group: exp.groups()"
     task = TASKS.get(exp.task.name)(**exp.task.options)
+    for run in exp.runs:
+        monitor_for(task, run)  # an early-stopping metric the task does not report fails here
     needed = tuple(dict.fromkeys(["train", "validation", *spec.evaluate.splits]))
-    log(f"data: {describe_source(spec.data)}")
+    log(f"data: {_label(exp)}{describe_source(spec.data)}")
     try:
         splits = load_splits(spec.data, exp.base_dir, needed)
         examples = task.prepare(splits, describe_source(spec.data))
@@ -96,7 +114,7 @@ def prepare(exp: LoadedExperiment, log: Log = log_line) -> Prepared:
         raise InputError(f"{exp.path}: {exc}") from None
     for name, extra in spec.evaluate.extra.items():
         examples[name] = extra_examples(exp, task, name, extra)
-    log("data: " + ", ".join(f"{name} {len(ds)}" for name, ds in examples.items()))
+    log(f"data: {_label(exp)}" + ", ".join(f"{name} {len(ds)}" for name, ds in examples.items()))
     source = resolve_model(spec.model, exp.base_dir)
     config, _ = load_config(source)
     for run in exp.runs:  # a method setting the architecture cannot take fails here, not mid-run
@@ -110,15 +128,35 @@ def prepare(exp: LoadedExperiment, log: Log = log_line) -> Prepared:
 
 def extra_examples(exp: LoadedExperiment, task: Task, name: str, extra: ExtraEvalSpec) -> Dataset:
     """More evaluation data (`evaluate.extra`), read with the task's fitted labels; InputError if unfit."""
+    assert exp.spec.data is not None
     spec = DataSpec(source=extra.source, config_name=extra.config_name, max_length=exp.spec.data.max_length)
     try:
         rows, where = load_rows(spec, extra.split, exp.base_dir)
         examples = task.examples_from_rows(rows, where)
     except InputError as exc:
-        raise InputError(f"{exp.path}: evaluate.extra.{name}: {exc}") from None
+        raise InputError(f"{exp.path}: {_label(exp)}evaluate.extra.{name}: {exc}") from None
     if extra.limit is not None and extra.limit < len(examples):
         examples = examples.shuffle(seed=exp.spec.data.seed).select(range(extra.limit))
     return examples
+
+
+def _label(exp: LoadedExperiment) -> str:
+    return f"[{exp.group_name}] " if exp.group_name else ""
+
+
+def monitor_for(task: Task, run: RunSpec) -> engine.Monitor | None:
+    """The validation metric a run's early stopping watches (auto = the task's primary metric)."""
+    stopping = run.train.early_stopping
+    if stopping is None:
+        return None
+    metric = task.primary_metric if stopping.metric == "auto" else stopping.metric
+    known = ["loss", *task.higher_is_better]
+    if metric not in known:
+        raise InputError(
+            f"{run.name}: train.early_stopping.metric: '{metric}' is not a validation metric of this task"
+            f"{did_you_mean(metric, known)}; expected one of: auto, {', '.join(known)}"
+        )
+    return engine.Monitor(metric, metric != "loss" and task.higher_is_better.get(metric, True))
 
 
 def check_existing(prep: Prepared, fresh: bool, log: Log, runs: list[RunSpec] | None = None) -> None:
@@ -178,18 +216,21 @@ def run_experiment(
     if kind == "ray":
         require_ray()
     engine.set_threads()
-    prep = prepare(exp, log)
-    check_existing(prep, fresh, log)
-    prep.store.path.mkdir(parents=True, exist_ok=True)
-    write_yaml(prep.store.path / "experiment.yaml", _resolved_experiment(prep))
-    write_json(prep.store.path / "data.json", data_summary(prep.examples))
+    preps = [prepare(group, log) for group in exp.groups()]
+    for prep in preps:
+        check_existing(prep, fresh, log)
+    store = ExperimentDir(exp.runs_dir)
+    store.path.mkdir(parents=True, exist_ok=True)
+    write_yaml(store.path / "experiment.yaml", _resolved_experiment(exp, preps))
+    write_json(store.path / "data.json", _data_summaries(exp, preps))
     if exp.spec.evaluate.baselines:
-        compute_baselines(prep, log)
-    failed = run_protocol(prep, lambda runs: execute_runs(prep, runs, kind, workers, log), fresh, log)
+        for prep in preps:
+            compute_baselines(prep, log)
+    failed = run_protocol(preps, lambda items: execute_runs(exp, items, kind, workers, log), fresh, log)
     from peftlab.report import build_report, terminal_summary
 
-    paths = build_report(prep.store.path)
-    for line in terminal_summary(prep.store.path).splitlines():
+    paths = build_report(store.path)
+    for line in terminal_summary(store.path).splitlines():
         log(line)
     log(f"report: {paths['html']} (also report.md, results.csv)")
     if failed:
@@ -198,14 +239,18 @@ def run_experiment(
     return EXIT_OK
 
 
-def execute_runs(prep: Prepared, runs: list[RunSpec], executor: str, workers: int, log: Log) -> list[str]:
-    """Train the runs that are not done yet with the chosen executor; return the names that failed."""
-    todo = [run for run in runs if not is_done(prep, run, log)]
+def execute_runs(
+    exp: LoadedExperiment, items: list[tuple[Prepared, RunSpec]], executor: str, workers: int, log: Log
+) -> list[str]:
+    """Train the runs (each with its group's preparation) that are not done yet; return the names that failed."""
+    todo = [(prep, run) for prep, run in items if not is_done(prep, run, log)]
     if executor == "inline":
-        return [run.name for run in todo if not execute_run(prep, run, log)]
-    jobs = jobs_for(prep.exp.path, prep.exp.overrides, todo, [prep.store.run(r.name) for r in todo], workers)
+        return [run.name for prep, run in todo if not execute_run(prep, run, log)]
+    store = ExperimentDir(exp.runs_dir)
+    runs = [run for _, run in todo]
+    jobs = jobs_for(exp.path, exp.overrides, runs, [store.run(r.name) for r in runs], workers)
     if executor == "ray":
-        return run_in_ray(jobs, prep.exp.spec.executor, log)
+        return run_in_ray(jobs, exp.spec.executor, log)
     return run_in_processes(jobs, workers, log)
 
 
@@ -234,10 +279,30 @@ def data_summary(examples: DatasetDict) -> dict[str, Any]:
     return out
 
 
-def _resolved_experiment(prep: Prepared) -> dict[str, Any]:
-    data = prep.exp.spec.model_dump(mode="json")
-    data["task"] = {"name": prep.exp.task.name, **prep.task.state()}
+def _data_summaries(exp: LoadedExperiment, preps: list[Prepared]) -> dict[str, Any]:
+    """data.json: examples per split; in a multi-task experiment, per task key."""
+    if not exp.parts:
+        return data_summary(preps[0].examples)
+    return {prep.exp.group["task"] or "data": data_summary(prep.examples) for prep in preps}
+
+
+def _resolved_experiment(exp: LoadedExperiment, preps: list[Prepared]) -> dict[str, Any]:
+    """The experiment as run, with each task's fitted state (e.g. its labels)."""
+    data = exp.spec.model_dump(mode="json")
+    for key in ("model", "models", "task", "data", "tasks"):  # the form not used is left out
+        if data.get(key) is None:
+            data.pop(key, None)
+    states = {prep.exp.group.get("task", ""): {"name": prep.task_name, **prep.task.state()} for prep in preps}
+    if "tasks" in data:
+        for entry in data["tasks"]:
+            entry["task"] = states.get(entry.get("key") or _task_name(entry["task"]), entry["task"])
+    elif preps:
+        data["task"] = next(iter(states.values()))
     return data
+
+
+def _task_name(value: Any) -> str:
+    return value if isinstance(value, str) else str(value.get("name"))
 
 
 def execute_run(prep: Prepared, run: RunSpec, log: Log) -> bool:
@@ -288,14 +353,16 @@ def train_and_evaluate(prep: Prepared, run: RunSpec, folder: RunDir, log: Log) -
     train_set = training_set(prep, run)
     result = engine.train(
         model,
-        train_set,
-        prep.features.get("validation"),
+        prep.task.model_inputs(train_set),
+        prep.inputs("validation") if "validation" in prep.features else None,
         collator,
         run.train,
         folder,
         precision=precision,
         log=log,
         label=run.name,
+        validation_metrics=validation_metrics(prep),
+        monitor=monitor_for(prep.task, run),
     )
     evaluation = evaluate_splits(prep, model, run, folder, precision, log)
     if run.save_model:
@@ -306,6 +373,7 @@ def train_and_evaluate(prep: Prepared, run: RunSpec, folder: RunDir, log: Log) -
         "run": run.name,
         "method": run.method,
         "settings": method.resolve(prep.model_type),
+        "task": task_summary(prep.task, prep.task_name),
         "params": {"trainable": trainable, "total": total, "trainable_pct": 100 * trainable / total},
         "train": {
             "train_seconds": result.train_seconds,
@@ -318,6 +386,8 @@ def train_and_evaluate(prep: Prepared, run: RunSpec, folder: RunDir, log: Log) -
             "tokens_seen": result.tokens_seen,
             "train_examples": len(train_set),
             "resumed_from": result.resumed_from,
+            "max_epochs": run.train.epochs,
+            **early_stopping_summary(prep, run, result),
         },
         "memory": {"peak_mib": result.peak_memory_mib, "kind": result.memory_kind},
         "eval": evaluation,
@@ -337,12 +407,54 @@ def train_and_evaluate(prep: Prepared, run: RunSpec, folder: RunDir, log: Log) -
 
 
 def training_set(prep: Prepared, run: RunSpec) -> Dataset:
-    """The run's training examples: all, or a seeded sample of `data_fraction` of them (sweep points)."""
+    """The run's training features: all, or a seeded sample of `data_fraction` of them (sweep points)."""
     data = prep.features["train"]
     if run.data_fraction >= 1:
         return data
+    assert prep.exp.spec.data is not None
     count = max(1, math.ceil(run.data_fraction * len(data)))
     return data.shuffle(seed=prep.exp.spec.data.seed).select(range(count))
+
+
+def task_summary(task: Task, name: str) -> dict[str, Any]:
+    """What the report needs to know of the task: its name and which metrics lead its tables."""
+    return {
+        "name": name,
+        "primary_metric": task.primary_metric,
+        "headline_metrics": list(task.headline_metrics or (task.primary_metric,)),
+    }
+
+
+def validation_metrics(prep: Prepared) -> Any:
+    """The task's scalar metrics on the validation split from raw model outputs (for each epoch)."""
+    examples, features = prep.examples.get("validation"), prep.features.get("validation")
+    if examples is None or features is None:
+        return None
+
+    def compute(outputs: Any) -> dict[str, float]:
+        scores = prep.task.score(prep.task.predict(outputs, examples, features))
+        return {
+            k: float(v) for k, v in scores.items() if isinstance(v, int | float) and k in prep.task.higher_is_better
+        }
+
+    return compute
+
+
+def early_stopping_summary(prep: Prepared, run: RunSpec, result: engine.TrainResult) -> dict[str, Any]:
+    """What metrics.json records about early stopping (nothing when the run did not use it)."""
+    monitor = monitor_for(prep.task, run)
+    if monitor is None or run.train.early_stopping is None:
+        return {}
+    return {
+        "early_stopping": {
+            "metric": monitor.metric,
+            "patience": run.train.early_stopping.patience,
+            "stopped_early": result.stopped_early,
+            "stopped_at_epoch": result.epochs_run,
+            "best_epoch": result.best_epoch,
+            "best_value": result.best_metric,
+        }
+    }
 
 
 def evaluate_splits(
@@ -352,7 +464,7 @@ def evaluate_splits(
     out = {}
     collator = prep.task.collator(prep.tokenizer)
     for split in run.eval_splits or prep.exp.spec.evaluate.all_splits():
-        outputs, seconds = engine.predict(model, prep.features[split], collator, run.train, precision=precision)
+        outputs, seconds = engine.predict(model, prep.inputs(split), collator, run.train, precision=precision)
         predictions = prep.task.predict(outputs, prep.examples[split], prep.features[split])
         write_jsonl(folder.predictions_dir / f"{split}.jsonl", predictions)
         out[split] = {**prep.task.score(predictions), "eval_seconds": round(seconds, 3)}
@@ -374,7 +486,7 @@ def compute_baselines(prep: Prepared, log: Log) -> None:
             "seed": spec.train.seed,
         }
     )
-    target = prep.store.baselines_file
+    target = prep.store.baselines_for(prep.exp.group_name)
     from peftlab.store import read_json
 
     if (read_json(target) or {}).get("fingerprint") == key:
@@ -395,9 +507,17 @@ def compute_baselines(prep: Prepared, log: Log) -> None:
     collator = prep.task.collator(prep.tokenizer)
     untrained = {}
     for split in spec.evaluate.all_splits():
-        outputs, _ = engine.predict(model, prep.features[split], collator, train_spec, precision=precision)
+        outputs, _ = engine.predict(model, prep.inputs(split), collator, train_spec, precision=precision)
         predictions = prep.task.predict(outputs, prep.examples[split], prep.features[split])
         write_jsonl(target.parent / "predictions" / f"untrained-{split}.jsonl", predictions)
         untrained[split] = prep.task.score(predictions)
     results["untrained model"] = untrained
-    write_json(target, {"fingerprint": key, "primary_metric": prep.task.primary_metric, "baselines": results})
+    write_json(
+        target,
+        {
+            "fingerprint": key,
+            "primary_metric": prep.task.primary_metric,
+            "headline_metrics": task_summary(prep.task, prep.task_name)["headline_metrics"],
+            "baselines": results,
+        },
+    )

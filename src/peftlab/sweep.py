@@ -19,6 +19,11 @@ Protocols: `grid` (default) trains every point in full and reports them all (a r
 `fraction` of the training data, keeps no model, scores it on the validation split, selects the
 best point per method entry by `metric` and `direction` (mean over seeds), then trains that
 point in full under the entry's own name. Sweep points live in `<experiment>/sweep/`.
+
+In a multi-model / multi-task experiment each (model, task) group is expanded on its own with the
+same grid (a RUN key names the method entry, not the dotted model.task.entry run name); its points
+are named after the group's runs (`bert.ner.lora-r8`), and the sweep-then-train protocol selects
+per method entry of each group.
 """
 
 from __future__ import annotations
@@ -75,6 +80,22 @@ class SweepPlan:
     def first_runs(self) -> list[RunSpec]:
         """Every run known before training (the final runs of sweep-then-train come after selection)."""
         return [*self.sweep_runs, *self.runs]
+
+
+def combine(plans: list[SweepPlan]) -> SweepPlan:
+    """The plans of the (model, task) groups of a multi-task experiment as one (for `plan` and sweep.json).
+
+    The groups share the sweep section, so protocol, metric and direction agree; the method entries'
+    run names carry their group (model.task.entry), so the candidates do not collide.
+    """
+    if not plans:
+        return SweepPlan()
+    out = dataclasses.replace(plans[0], runs=[], sweep_runs=[], candidates={})
+    for plan in plans:
+        out.runs += plan.runs
+        out.sweep_runs += plan.sweep_runs
+        out.candidates.update(plan.candidates)
+    return out
 
 
 @dataclass(frozen=True)
@@ -212,7 +233,7 @@ def _run_method(spec: Experiment, run: str) -> str:
 
 def _axes_for(run: RunSpec, keys: dict[str, tuple[str, str, str]], grid: dict[str, Any], problems: Any) -> list[Axis]:
     """The axes that apply to `run`; a run-level key beats a method-level one beats a global one."""
-    rank = {"*": 0, f"method:{run.method}": 1, f"run:{run.name}": 2}
+    rank = {"*": 0, f"method:{run.method}": 1, f"run:{run.entry}": 2}  # entry: not the model.task. prefix
     chosen: dict[tuple[str, str], tuple[int, str]] = {}
     for key, (scope, target, name) in keys.items():
         if scope in rank and rank[scope] >= chosen.get((target, name), (-1, ""))[0]:
@@ -419,29 +440,50 @@ def selected_results(store: ExperimentDir, record: dict[str, Any]) -> dict[str, 
     return out
 
 
-def run_protocol(prep: Prepared, execute: Callable[[list[RunSpec]], list[str]], fresh: bool, log: Any) -> list[str]:
-    """Train the experiment's runs by its protocol; return the names of the runs that failed."""
+def run_protocol(
+    preps: list[Prepared],
+    execute: Callable[[list[tuple[Prepared, RunSpec]]], list[str]],
+    fresh: bool,
+    log: Any,
+) -> list[str]:
+    """Train the runs of every (model, task) group by the experiment's protocol; return the failed names.
+
+    Each phase goes to `execute` as one batch across the groups (so `--workers` fills up): the sweep
+    points of sweep-then-train first, then after selection the plain runs and the selected ones.
+    """
     from peftlab.experiment import check_existing
     from peftlab.store import write_json
 
-    plan: SweepPlan | None = prep.exp.sweep
-    if plan is None or plan.protocol != "sweep-then-train":
-        return execute(prep.exp.runs)
+    staged = [prep for prep in preps if prep.exp.sweep is not None and prep.exp.sweep.protocol == "sweep-then-train"]
+    if not staged:
+        return execute([(prep, run) for prep in preps for run in prep.exp.runs])
+    plans: list[SweepPlan] = [prep.exp.sweep for prep in staged]  # type: ignore[misc]
+    plan = combine(plans)
     record = plan_record(plan)
-    write_json(prep.store.path / SWEEP_DIR / PLAN_FILE, record)
+    store = staged[0].store
+    write_json(store.path / SWEEP_DIR / PLAN_FILE, record)
     log(f"sweep: {len(plan.sweep_runs)} point(s) on {plan.fraction:g} of the training data, {plan.epochs} epoch(s)")
-    failed = execute(plan.sweep_runs)
-    finals, unselected = [], []
-    for base, (results, best) in selected_results(prep.store, record).items():
-        if best is None:
-            log(f"[{base}] no sweep point finished: nothing to select, not trained")
-            unselected.append(base)
-            continue
-        finals += _final_runs(plan.candidates[base][best], base)
-        chosen = ", ".join(f"{k}={v}" for k, v in results[best].point.items())
-        log(f"[{base}] selected {chosen} ({plan.direction} validation {plan.metric} {mean(results[best].value):.4f})")
-    check_existing(prep, fresh, log, runs=finals)
-    return failed + unselected + execute([*plan.runs, *finals])
+    failed = execute([(prep, run) for prep in staged for run in prep.exp.sweep.sweep_runs])  # type: ignore[union-attr]
+    selected = selected_results(store, record)
+    unselected: list[str] = []
+    todo = [(prep, run) for prep in preps if prep not in staged for run in prep.exp.runs]
+    for prep in staged:
+        finals = []
+        for base, candidates in prep.exp.sweep.candidates.items():  # type: ignore[union-attr]
+            results, best = selected[base]
+            if best is None:
+                log(f"[{base}] no sweep point finished: nothing to select, not trained")
+                unselected.append(base)
+                continue
+            finals += _final_runs(candidates[best], base)
+            chosen = ", ".join(f"{k}={v}" for k, v in results[best].point.items())
+            log(
+                f"[{base}] selected {chosen} ({plan.direction} validation {plan.metric} "
+                f"{mean(results[best].value):.4f})"
+            )
+        check_existing(prep, fresh, log, runs=finals)
+        todo += [(prep, run) for run in [*prep.exp.sweep.runs, *finals]]  # type: ignore[union-attr]
+    return failed + unselected + execute(todo)
 
 
 def _final_runs(candidate: Candidate, base: str) -> list[RunSpec]:

@@ -1,9 +1,10 @@
 """`python -m peftlab.worker JOB_JSON`: train one run of an experiment in its own process.
 
 Started by the process executor (executor.py). The worker re-validates the experiment file with
-the same overrides, prepares the data and trains the one run. If its parent dies (killed, closed
-terminal), the worker exits too instead of training on unseen; the run's last checkpoint remains
-and the next `peftlab run` resumes it.
+the same overrides, prepares the data of the run's (model, task) group and trains the one run
+(its resolved RunSpec comes with the job: sweep points and selected runs are not in the file). If
+its parent dies (killed, closed terminal), the worker exits too instead of training on unseen; the
+run's last checkpoint remains and the next `peftlab run` resumes it.
 """
 
 from __future__ import annotations
@@ -46,11 +47,11 @@ def run_job(job: WorkerJob) -> int:
         os.chdir(job.cwd)
     try:
         exp = load_experiment(job.experiment, job.overrides, only=None if job.spec else [job.run])
-        prep = prepare(exp, log=lambda message: None)
+        run = RunSpec.from_dict(job.spec) if job.spec else exp.runs[0]
+        prep = prepare(exp.group_of(run), log=lambda message: None)  # only the run's (model, task) group
     except InputError as exc:
         print(f"peftlab worker: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    run = RunSpec.from_dict(job.spec) if job.spec else exp.runs[0]
     return EXIT_OK if execute_run(prep, run, log_line) else EXIT_RUN_FAILED
 
 

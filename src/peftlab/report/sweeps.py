@@ -98,7 +98,7 @@ def selection_blocks(exp_dir: ExperimentDir) -> list[Block]:
     examples = _sweep_examples(exp_dir, record)
     caption = (
         f"Each point trained {record['epochs']} epoch(s) on {record['fraction']:.0%} of the training data"
-        + (f" ({examples:,} examples)" if examples else "")
+        + (f" ({examples})" if examples else "")
         + f"; losses at the end of the sweep. Chosen: the {'lowest' if direction == 'min' else 'highest'} "
         f"validation {metric} per method (mean over seeds), then trained in full (Results)."
     )
@@ -123,14 +123,17 @@ def _state_text(result: PointResult) -> str:
     return f" ({', '.join(sorted(set(states)))})" if states else ""
 
 
-def _sweep_examples(exp_dir: ExperimentDir, record: dict[str, Any]) -> int | None:
-    for points in record.get("bases", {}).values():
-        for point in points:
-            for name in point["runs"]:
-                count = exp_dir.run(name).metrics().get("train", {}).get("train_examples")
-                if count:
-                    return int(count)
-    return None
+def _sweep_examples(exp_dir: ExperimentDir, record: dict[str, Any]) -> str:
+    """ "24 examples"; per method entry where they differ (the tasks of a multi-task experiment)."""
+    counts = {}
+    for base, points in record.get("bases", {}).items():
+        found = (exp_dir.run(n).metrics().get("train", {}).get("train_examples") for p in points for n in p["runs"])
+        count = next((int(c) for c in found if c), None)
+        if count:
+            counts[base] = count
+    if len(set(counts.values())) == 1:
+        return f"{next(iter(counts.values())):,} examples"
+    return ", ".join(f"{base} {count:,}" for base, count in counts.items()) + " examples" if counts else ""
 
 
 def _single_numeric_axis(points: list[dict[str, Any]]) -> str | None:
