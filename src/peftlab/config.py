@@ -57,7 +57,9 @@ class DataSpec(Strict):
     limits: dict[Literal["train", "validation", "test"], PositiveInt] = Field(
         default_factory=dict, description="use at most this many examples of a split (the first N)"
     )
-    max_length: PositiveInt = Field(128, description="tokens per sequence (longer inputs are truncated)")
+    max_length: PositiveInt | None = Field(
+        None, description="tokens per sequence (longer inputs are truncated or windowed); default: the task's"
+    )
     seed: int = Field(0, description="seed for derived splits")
 
 
@@ -376,6 +378,10 @@ def validate_experiment(
     runs = _resolve_runs(spec, problems, only)
     problems.raise_if_any()
     assert task is not None
+    if spec.data.max_length is None:  # each task has its own default (classification 128, qa 256)
+        from peftlab.tasks import TASKS
+
+        spec.data.max_length = TASKS.get(task.name).default_max_length
     return LoadedExperiment(path=path, spec=spec, task=task, runs=runs, raw=raw)
 
 

@@ -50,6 +50,10 @@ class Prepared:
     features: dict[str, Dataset]
     store: ExperimentDir
 
+    def inputs(self, split: str) -> Dataset:
+        """A split's model inputs (the features without the task's bookkeeping columns)."""
+        return self.task.model_inputs(self.features[split])
+
 
 def fingerprint(data: dict[str, Any]) -> str:
     """A short stable hash of settings, to tell whether a finished run used the same ones."""
@@ -95,7 +99,10 @@ def prepare(exp: LoadedExperiment, log: Log = log_line) -> Prepared:
         engine.resolve_precision(run.train.precision)
     tokenizer = load_tokenizer(source)
     log(f"model: {source.describe()} ({config.model_type}); tokenizing ...")
-    features = {name: task.featurize(ds, tokenizer, spec.data.max_length) for name, ds in examples.items()}
+    try:
+        features = {name: task.featurize(ds, tokenizer, spec.data.max_length) for name, ds in examples.items()}
+    except InputError as exc:
+        raise InputError(f"{exp.path}: {describe_source(spec.data)}: {exc}") from None
     return Prepared(exp, task, source, config.model_type, tokenizer, examples, features, ExperimentDir(exp.runs_dir))
 
 
@@ -248,8 +255,8 @@ def train_and_evaluate(prep: Prepared, run: RunSpec, folder: RunDir, log: Log) -
     collator = prep.task.collator(prep.tokenizer)
     result = engine.train(
         model,
-        prep.features["train"],
-        prep.features.get("validation"),
+        prep.inputs("train"),
+        prep.inputs("validation") if "validation" in prep.features else None,
         collator,
         run.train,
         folder,
@@ -275,7 +282,8 @@ def train_and_evaluate(prep: Prepared, run: RunSpec, folder: RunDir, log: Log) -
             "samples_per_second": result.samples_per_second,
             "tokens_per_second": result.tokens_per_second,
             "tokens_seen": result.tokens_seen,
-            "train_examples": len(prep.features["train"]),
+            "train_examples": len(prep.examples["train"]),
+            "train_sequences": len(prep.features["train"]),  # more than examples when a task windows them
             "resumed_from": result.resumed_from,
         },
         "memory": {"peak_mib": result.peak_memory_mib, "kind": result.memory_kind},
@@ -302,7 +310,7 @@ def evaluate_splits(
     out = {}
     collator = prep.task.collator(prep.tokenizer)
     for split in prep.exp.spec.evaluate.splits:
-        outputs, seconds = engine.predict(model, prep.features[split], collator, run.train, precision=precision)
+        outputs, seconds = engine.predict(model, prep.inputs(split), collator, run.train, precision=precision)
         predictions = prep.task.predict(outputs, prep.examples[split], prep.features[split])
         write_jsonl(folder.predictions_dir / f"{split}.jsonl", predictions)
         out[split] = {**prep.task.score(predictions), "eval_seconds": round(seconds, 3)}
@@ -343,7 +351,7 @@ def compute_baselines(prep: Prepared, log: Log) -> None:
     collator = prep.task.collator(prep.tokenizer)
     untrained = {}
     for split in spec.evaluate.splits:
-        outputs, _ = engine.predict(model, prep.features[split], collator, train_spec, precision=precision)
+        outputs, _ = engine.predict(model, prep.inputs(split), collator, train_spec, precision=precision)
         predictions = prep.task.predict(outputs, prep.examples[split], prep.features[split])
         write_jsonl(target.parent / "predictions" / f"untrained-{split}.jsonl", predictions)
         untrained[split] = prep.task.score(predictions)

@@ -71,6 +71,8 @@ def plan_experiment(exp: LoadedExperiment, log: Any = print) -> list[PlanRow]:
 
 def _fit_task(exp: LoadedExperiment, task: Task, log: Any) -> None:
     """Fit the task's state (e.g. labels, which size the head) from the data when it can be read."""
+    if not task.needs_data_to_build():
+        return
     try:
         splits = load_splits(exp.spec.data, exp.base_dir, needed=("train",))
     except InputError as exc:

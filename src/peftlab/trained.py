@@ -44,7 +44,11 @@ class TrainedRun:
         """Predictions for canonical examples, exactly as the run's own evaluation made them."""
         features = self.task.featurize(examples, self.tokenizer, self.max_length)
         outputs, _ = engine.predict(
-            self.model, features, self.task.collator(self.tokenizer), self.train, precision=self.precision
+            self.model,
+            self.task.model_inputs(features),
+            self.task.collator(self.tokenizer),
+            self.train,
+            precision=self.precision,
         )
         return self.task.predict(outputs, examples, features)
 

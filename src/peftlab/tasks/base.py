@@ -34,6 +34,11 @@ class Task:
     primary_metric: ClassVar[str]
     # metric name -> True when higher is better (used for sweeps, early stopping, report colouring)
     higher_is_better: ClassVar[dict[str, bool]] = {}
+    # data.max_length when the experiment does not set it (tokens per sequence, or per window)
+    default_max_length: ClassVar[int] = 128
+    # columns of `featurize` output that are bookkeeping for `predict` (e.g. which example a window
+    # belongs to, character offsets), not model inputs: `model_inputs` drops them for the Trainer
+    bookkeeping_columns: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, **options: Any) -> None:
         self.options = self.Options.model_validate(options)
@@ -53,6 +58,10 @@ class Task:
         labelled=False (predict) accepts rows without a reference answer or label.
         """
         raise NotImplementedError
+
+    def needs_data_to_build(self) -> bool:
+        """Whether the model's size depends on the data (e.g. the label count); `plan` reads it only then."""
+        return True
 
     def assume_without_data(self) -> str:
         """For `plan` when the data cannot be read: assume what sizes the head; say what was assumed."""
@@ -77,8 +86,13 @@ class Task:
         ]
 
     def featurize(self, examples: Dataset, tokenizer: Any, max_length: int) -> Dataset:
-        """Model inputs (and labels) only: the Trainer receives exactly these columns."""
+        """Model inputs (and labels), plus the task's `bookkeeping_columns` for `predict`."""
         raise NotImplementedError
+
+    def model_inputs(self, features: Dataset) -> Dataset:
+        """The featurized rows without bookkeeping columns: exactly what the Trainer receives."""
+        drop = [c for c in self.bookkeeping_columns if c in features.column_names]
+        return features.remove_columns(drop) if drop else features
 
     def collator(self, tokenizer: Any) -> Callable:
         from transformers import DataCollatorWithPadding
@@ -97,3 +111,16 @@ class Task:
     def baselines(self, train: Dataset) -> dict[str, Callable[[Dataset], list[Prediction]]]:
         """Model-free baselines fitted on train: name -> function(examples) -> predictions."""
         return {}
+
+    # --- probes (`peftlab probe`: the same examples through several runs, side by side) ----------
+    def probe_input(self, example: dict[str, Any]) -> str:
+        """The short text that stands for an example in the probe table (the question, the text)."""
+        return str(example.get("text", example.get("id", "")))
+
+    def probe_answer(self, prediction: Prediction) -> str:
+        """A prediction as the probe table shows it."""
+        return str(prediction.get("prediction", ""))
+
+    def probe_match(self, prediction: Prediction, expected: Any) -> bool:
+        """Whether a prediction matches the expected answer an examples file gives."""
+        return str(prediction.get("prediction")) == str(expected)
