@@ -278,6 +278,7 @@ def wnut16_questions(tweet: dict[str, Any]) -> list[dict[str, Any]]:
             "question": WNUT16_QUESTIONS[kind],
             "answers": {"text": [context[a:b] for a, b in spans], "answer_start": [a for a, _ in spans]},
             "entity_type": kind,
+            "tweet_id": tweet["id"],
         }
         for kind, spans in sorted(by_type.items())
     ]
