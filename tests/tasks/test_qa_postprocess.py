@@ -99,3 +99,16 @@ def test_equals_the_reference_loop_on_random_windows(seed: int) -> None:
     assert spans.start.tolist() == ref_start and spans.end.tolist() == ref_end
     np.testing.assert_allclose(spans.score, np.asarray(ref_score, dtype=np.float64), rtol=1e-6)
     assert (spans.start == -1).sum() >= 1
+
+
+def test_top_k_equals_a_stable_descending_sort_with_ties_and_nan() -> None:
+    from peftlab.tasks.qa_postprocess import _top
+
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        width, k = int(rng.integers(1, 40)), int(rng.integers(1, 45))
+        x = rng.integers(-3, 3, size=(int(rng.integers(1, 20)), width)).astype(np.float32)  # many ties
+        if trial % 2:
+            x[0, 0] = np.nan  # treated as -inf
+        expected = np.argsort(-np.where(np.isnan(x), -np.inf, x), axis=1, kind="stable")[:, :k]
+        assert np.array_equal(_top(x, k), expected)

@@ -77,8 +77,26 @@ def _fit_width(offsets: np.ndarray, width: int) -> np.ndarray:
 
 
 def _top(logits: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k largest logits of each row, largest first (stable: ties keep position order)."""
-    return np.argsort(-logits, axis=1, kind="stable")[:, :k]
+    """Indices of the k largest logits of each row, largest first; ties in position order.
+
+    The same as a stable descending argsort cut at k, without sorting whole rows (which took 80%
+    of the time): select the k largest with a partition, then sort only those k.
+    """
+    n, width = logits.shape
+    if k >= width:
+        return np.argsort(-logits, axis=1, kind="stable")
+    if np.isnan(logits).any():
+        logits = np.where(np.isnan(logits), -np.inf, logits)
+    kth = -np.partition(-logits, k - 1, axis=1)[:, k - 1 : k]  # the k-th largest value of each row
+    above, ties = logits > kth, logits == kth
+    chosen = above | ties
+    crowded = np.flatnonzero(chosen.sum(axis=1) > k)  # rows where values equal to the k-th are too many
+    if len(crowded):  # keep the first of them by position
+        room = k - above[crowded].sum(axis=1, keepdims=True)
+        chosen[crowded] = above[crowded] | (ties[crowded] & (np.cumsum(ties[crowded], axis=1) <= room))
+    index = np.nonzero(chosen)[1].reshape(n, k)  # exactly k per row, in position order
+    order = np.argsort(-np.take_along_axis(logits, index, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(index, order, axis=1)
 
 
 def _best_in_windows(
