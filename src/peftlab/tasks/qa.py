@@ -163,6 +163,8 @@ class QuestionAnswering(Task):
         return "".join(low if len(low := ch.lower()) == 1 else ch for ch in text)
 
     def _check_window(self, tokenizer: Any, max_length: int) -> None:
+        if not getattr(tokenizer, "is_fast", False):
+            raise InputError("task qa: the model's tokenizer has no fast (Rust) version, which offset mappings need")
         specials = tokenizer.num_special_tokens_to_add(pair=True)
         if self.options.doc_stride + specials + 1 >= max_length:
             raise InputError(
