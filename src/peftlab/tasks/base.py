@@ -30,12 +30,15 @@ class Task:
     """Base class of the registered tasks (see tasks/classification.py)."""
 
     Options: ClassVar[type[TaskOptions]] = TaskOptions
-    peft_task_type: ClassVar[str]
+    peft_task_type: ClassVar[str | None]  # None: PEFT has no task type for it (a plain PeftModel)
     primary_metric: ClassVar[str]
-    # metric name -> True when higher is better (used for sweeps, early stopping, report colouring)
+    # metric name -> True when higher is better (used for sweeps, early stopping, report colouring);
+    # these are also the scalar metrics logged on the validation split after each epoch
     higher_is_better: ClassVar[dict[str, bool]] = {}
     # data.max_length when the experiment does not set it (tokens per sequence, or per window)
     default_max_length: ClassVar[int] = 128
+    # the metrics a multi-task summary table shows for this task (default: the primary metric)
+    headline_metrics: ClassVar[tuple[str, ...]] = ()
     # columns of `featurize` output that are bookkeeping for `predict` (e.g. which example a window
     # belongs to, character offsets), not model inputs: `model_inputs` drops them for the Trainer
     bookkeeping_columns: ClassVar[tuple[str, ...]] = ()
