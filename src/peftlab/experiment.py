@@ -113,7 +113,10 @@ def prepare(exp: LoadedExperiment, log: Log = log_line) -> Prepared:
         engine.resolve_precision(run.train.precision)
     tokenizer = load_tokenizer(source)
     log(f"model: {source.describe()} ({config.model_type}); tokenizing ...")
-    features = {name: task.featurize(ds, tokenizer, spec.data.max_length) for name, ds in examples.items()}
+    try:
+        features = {name: task.featurize(ds, tokenizer, spec.data.max_length) for name, ds in examples.items()}
+    except InputError as exc:
+        raise InputError(f"{exp.path}: {describe_source(spec.data)}: {exc}") from None
     return Prepared(exp, task, source, config.model_type, tokenizer, examples, features, ExperimentDir(exp.runs_dir))
 
 
@@ -339,7 +342,8 @@ def train_and_evaluate(prep: Prepared, run: RunSpec, folder: RunDir, log: Log) -
             "samples_per_second": result.samples_per_second,
             "tokens_per_second": result.tokens_per_second,
             "tokens_seen": result.tokens_seen,
-            "train_examples": len(prep.features["train"]),
+            "train_examples": len(prep.examples["train"]),
+            "train_sequences": len(prep.features["train"]),  # more than examples when a task windows them
             "resumed_from": result.resumed_from,
             "max_epochs": run.train.epochs,
             **early_stopping_summary(prep, run, result),
