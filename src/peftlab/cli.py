@@ -34,6 +34,9 @@ def quiet_libraries() -> None:
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    from peftlab.models import offline_unless_hub_reachable
+
+    offline_unless_hub_reachable()
 
 
 def cmd_run(args: argparse.Namespace) -> int:
