@@ -44,3 +44,28 @@ def test_memory_estimate_parts_and_ordering(tmp_path: Path) -> None:
     assert full["optimizer"] > lora["optimizer"] and full["gradients"] > lora["gradients"]
     assert full["activations"] == lora["activations"]
     assert "resolved settings:" in format_plan(list(rows.values()))
+
+
+def test_plan_of_the_lora_vs_ia3_squad_study_counts_its_table_2(capsys) -> None:
+    """The study's config: DistilBERT from peftlab's table (no hub, no data), its trainable counts exactly."""
+    paper = Path(__file__).parent.parent / "configs" / "papers" / "lora_vs_ia3_squad.yaml"
+    notes: list[str] = []
+    rows = {r.run: r for r in plan_experiment(load_experiment(paper), log=notes.append)}
+    # LoRA r=16 on q_lin, v_lin of 6 layers: 6 x 2 x (768 x 16 + 16 x 768) + qa_outputs (768 x 2 + 2)
+    assert rows["lora"].trainable == 6 * 2 * 2 * 768 * 16 + 768 * 2 + 2 == 296_450
+    # (IA)3 vectors on the outputs of q, k, v, out_lin (768 each), lin1 (3072), lin2 (768), 6 layers + qa_outputs
+    assert rows["ia3"].trainable == 6 * (4 * 768 + 3072 + 768) + 768 * 2 + 2 == 43_010
+    assert any("built-in configuration of distilbert-base-uncased" in n for n in notes)
+    assert not any("data not readable" in n for n in notes)  # the span head needs no data: squad is not read
+    from peftlab.cli import main
+
+    assert main(["plan", str(paper)]) == 0
+    out = capsys.readouterr().out
+    assert "296,450" in out and "43,010" in out
+
+
+def test_task_default_max_length(tmp_path: Path) -> None:
+    qa = load_experiment(write_experiment(tmp_path, tiny_experiment(tmp_path, task="qa", data={"source": "x.jsonl"})))
+    assert qa.spec.data.max_length == 256
+    cls = load_experiment(write_experiment(tmp_path, tiny_experiment(tmp_path, data={"source": "x.jsonl"})))
+    assert cls.spec.data.max_length == 128

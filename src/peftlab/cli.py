@@ -34,6 +34,9 @@ def quiet_libraries() -> None:
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    from peftlab.models import offline_unless_hub_reachable
+
+    offline_unless_hub_reachable()
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -80,6 +83,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from peftlab.evaluation import predict_run
 
     predict_run(Path(args.run_dir), args.input, output=args.output)
+    return EXIT_OK
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from peftlab.probe import format_terminal, probe_runs
+
+    result = probe_runs(
+        [Path(p) for p in args.run_dirs], Path(args.examples), Path(args.output) if args.output else None
+    )
+    print(format_terminal(result))
+    print(f"\nwritten to {result.output} (and {result.output.with_suffix('.jsonl').name})", file=sys.stderr)
     return EXIT_OK
 
 
@@ -167,6 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="a json/jsonl/csv file, or - for text lines on stdin")
     p.add_argument("--output", help="write JSONL here instead of stdout")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("probe", help="the same custom examples through several trained runs, side by side")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="finished runs, runs/<experiment>/<run>")
+    p.add_argument(
+        "--examples", required=True, help="YAML or JSONL examples: the task's fields + optional expected, category"
+    )
+    p.add_argument("--output", help="the .md file to write (default: probe.md in the first run's experiment folder)")
+    p.set_defaults(func=cmd_probe)
 
     p = sub.add_parser("assets", help="offline models and datasets (list, fetch)")
     p.add_argument("action", choices=["list", "fetch"])

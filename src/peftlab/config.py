@@ -57,7 +57,9 @@ class DataSpec(Strict):
     limits: dict[Literal["train", "validation", "test"], PositiveInt] = Field(
         default_factory=dict, description="use at most this many examples of a split (the first N)"
     )
-    max_length: PositiveInt = Field(128, description="tokens per sequence (longer inputs are truncated)")
+    max_length: PositiveInt | None = Field(
+        None, description="tokens per sequence (longer inputs are truncated or windowed); default: the task's"
+    )
     seed: int = Field(0, description="seed for derived splits")
 
 
@@ -586,10 +588,19 @@ def validate_experiment(
     task = _validate_task(spec.task, ("task",), problems)
     runs = _resolve_runs(spec, problems, only)
     problems.raise_if_any()
-    assert task is not None
+    assert task is not None and spec.data is not None
+    _default_max_length(spec.data, task.name)
     plan = expand(spec, task, runs, problems)
     problems.raise_if_any()
     return LoadedExperiment(path=path, spec=spec, task=task, runs=plan.first_runs(), raw=raw, sweep=plan)
+
+
+def _default_max_length(data: DataSpec, task_name: str) -> None:
+    """`data.max_length` left out: the task's own default (classification 128, qa 256)."""
+    if data.max_length is None:
+        from peftlab.tasks import TASKS
+
+        data.max_length = TASKS.get(task_name).default_max_length
 
 
 def _check_form(spec: Experiment, problems: _Problems) -> None:
@@ -675,6 +686,7 @@ def _resolve_parts(
         train = _task_train(spec, entry, (*where, "train"), problems)
         if task is None or train is None:
             continue
+        _default_max_length(entry.data, task.name)
         key = "" if spec.tasks is None else (entry.key or task.name)
         if any(key == other for other, *_ in named):
             problems.add((*where, "key"), f"task key '{key}' is used twice; give each task entry its own `key:`")

@@ -122,7 +122,10 @@ def prepare(exp: LoadedExperiment, log: Log = log_line) -> Prepared:
         engine.resolve_precision(run.train.precision)
     tokenizer = load_tokenizer(source)
     log(f"model: {source.describe()} ({config.model_type}); tokenizing ...")
-    features = {name: task.featurize(ds, tokenizer, spec.data.max_length) for name, ds in examples.items()}
+    try:
+        features = {name: task.featurize(ds, tokenizer, spec.data.max_length) for name, ds in examples.items()}
+    except InputError as exc:
+        raise InputError(f"{exp.path}: {describe_source(spec.data)}: {exc}") from None
     return Prepared(exp, task, source, config.model_type, tokenizer, examples, features, ExperimentDir(exp.runs_dir))
 
 
@@ -350,7 +353,7 @@ def train_and_evaluate(prep: Prepared, run: RunSpec, folder: RunDir, log: Log) -
         f"({100 * trainable / total:.3f}%), lr {run.train.lr:g}, {precision}"
     )
     collator = prep.task.collator(prep.tokenizer)
-    train_set = training_set(prep, run)
+    train_examples, train_set = training_set(prep, run)
     result = engine.train(
         model,
         prep.task.model_inputs(train_set),
@@ -384,7 +387,8 @@ def train_and_evaluate(prep: Prepared, run: RunSpec, folder: RunDir, log: Log) -
             "samples_per_second": result.samples_per_second,
             "tokens_per_second": result.tokens_per_second,
             "tokens_seen": result.tokens_seen,
-            "train_examples": len(train_set),
+            "train_examples": train_examples,
+            "train_sequences": len(train_set),  # more than examples when a task windows them
             "resumed_from": result.resumed_from,
             "max_epochs": run.train.epochs,
             **early_stopping_summary(prep, run, result),
@@ -406,14 +410,17 @@ def train_and_evaluate(prep: Prepared, run: RunSpec, folder: RunDir, log: Log) -
     return metrics
 
 
-def training_set(prep: Prepared, run: RunSpec) -> Dataset:
-    """The run's training features: all, or a seeded sample of `data_fraction` of them (sweep points)."""
-    data = prep.features["train"]
+def training_set(prep: Prepared, run: RunSpec) -> tuple[int, Dataset]:
+    """The run's training examples (their number) and features: all, or for a sweep point a seeded
+    sample of `data_fraction` of the examples, featurized (a task may cut an example into windows)."""
+    examples = prep.examples["train"]
     if run.data_fraction >= 1:
-        return data
-    assert prep.exp.spec.data is not None
-    count = max(1, math.ceil(run.data_fraction * len(data)))
-    return data.shuffle(seed=prep.exp.spec.data.seed).select(range(count))
+        return len(examples), prep.features["train"]
+    data = prep.exp.spec.data
+    assert data is not None and data.max_length is not None
+    count = max(1, math.ceil(run.data_fraction * len(examples)))
+    sample = examples.shuffle(seed=data.seed).select(range(count))
+    return count, prep.task.featurize(sample, prep.tokenizer, data.max_length)
 
 
 def task_summary(task: Task, name: str) -> dict[str, Any]:

