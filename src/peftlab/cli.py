@@ -56,7 +56,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([{**vars(r), "trainable_pct": r.trainable_pct} for r in rows], indent=2))
     else:
-        print(format_plan(rows))
+        from peftlab.sweep import plan_note
+
+        print(format_plan(rows) + (f"\n\n{plan_note(exp.sweep)}" if plan_note(exp.sweep) else ""))
     return EXIT_OK
 
 
@@ -143,10 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--executor",
-        choices=["process", "inline"],
-        default="process",
+        choices=["process", "inline", "ray"],
+        default=None,
         help="process (default): each run in its own worker process, so a crash stays in one run and "
-        "peak memory is the run's own; inline: all runs in this process",
+        "peak memory is the run's own; inline: all runs in this process; ray: each run a Ray task "
+        "(settings under `executor:` in the experiment file). Default: the file's executor.name",
     )
     p.add_argument(
         "--workers",

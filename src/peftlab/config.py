@@ -85,6 +85,12 @@ class TrainSpec(Strict):
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     max_grad_norm: float = Field(1.0, gt=0)
     seed: int = 0
+    seeds: list[int] | None = Field(
+        None,
+        min_length=1,
+        exclude=True,  # expanded into one run per seed (sweep.py); each run records its own `seed`
+        description="repeat every run (and sweep point) once per seed; tables show mean ± std",
+    )
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="auto = bf16 autocast where the hardware supports it, else fp32"
     )
@@ -112,11 +118,80 @@ class TrainSpec(Strict):
         return self
 
 
+class ExtraEvalSpec(Strict):
+    """More data every trained run is scored on (e.g. out of domain), under its own name."""
+
+    source: str = Field(description="asset:NAME, a local file or folder, or a hub dataset id")
+    config_name: str | None = Field(None, description="hub dataset configuration")
+    split: str | None = Field(None, description="which split of the source (default: test, or the only one)")
+    limit: PositiveInt | None = Field(None, description="use at most this many examples (a seeded sample)")
+
+
 class EvaluateSpec(Strict):
     """Which splits every trained run is scored on, and whether baselines are computed."""
 
     splits: list[Literal["validation", "test"]] = Field(default_factory=lambda: ["validation", "test"])
     baselines: bool = Field(True, description="majority class (or the task's own) and the untrained model")
+    extra: dict[str, ExtraEvalSpec] = Field(
+        default_factory=dict, description="name -> more evaluation data (a source, or {source, split, limit})"
+    )
+
+    @field_validator("extra", mode="before")
+    @classmethod
+    def _source_shorthand(cls, value: Any) -> Any:
+        """`ood: asset:drug-reviews-3way` is short for `ood: {source: asset:drug-reviews-3way}`."""
+        if isinstance(value, dict):
+            return {k: ({"source": v} if isinstance(v, str) else v) for k, v in value.items()}
+        return value
+
+    @field_validator("extra")
+    @classmethod
+    def _extra_names(cls, value: dict[str, ExtraEvalSpec]) -> dict[str, ExtraEvalSpec]:
+        for name in value:
+            if name in SPLITS or not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", name):
+                raise ValueError(
+                    f"evaluation data name '{name}' must differ from train/validation/test and use only "
+                    "letters, digits, '_', '.', '-'"
+                )
+        return value
+
+    def all_splits(self) -> list[str]:
+        """The experiment's own evaluated splits, then the extra evaluation data by name."""
+        return [*self.splits, *self.extra]
+
+
+class SweepSpec(Strict):
+    """A grid over dotted settings; each point is a run (see sweep.py and the README's "Sweeps")."""
+
+    grid: dict[str, Any] = Field(
+        description="dotted key -> list of values: train.KEY (every run), METHOD.KEY or RUN.KEY (that "
+        "method's or run's setting), RUN.train.KEY; train.lr: auto = a grid around each method's default"
+    )
+    protocol: Literal["grid", "sweep-then-train"] = Field(
+        "grid",
+        description="grid: every point is a full run; sweep-then-train: sweep short on a fraction of the "
+        "training data, select per run by a validation metric, then train the selected point in full",
+    )
+    fraction: float | None = Field(
+        None, gt=0, le=1, description="sweep-then-train: fraction of the training examples (default 0.1)"
+    )
+    epochs: PositiveInt | None = Field(None, description="sweep-then-train: epochs of each sweep point (default 1)")
+    metric: str = Field("loss", description="validation metric that selects (loss, or one the task reports)")
+    direction: Literal["min", "max"] | None = Field(None, description="default: min for loss, else the task's")
+
+
+class ExecutorSpec(Strict):
+    """Where runs execute. Ray does the scheduling on a cluster; peftlab only declares resources."""
+
+    name: Literal["process", "inline", "ray"] = Field(
+        "process", description="process: a worker process per run (default); inline; ray: Ray tasks"
+    )
+    address: str | None = Field(
+        None, description="ray: the cluster to join (ray.init(address=...), e.g. auto); default: RAY_ADDRESS or local"
+    )
+    num_cpus: float = Field(1, gt=0, description="ray: CPUs each run declares (also its torch threads)")
+    num_gpus: float = Field(0, ge=0, description="ray: GPUs each run declares")
+    memory_gb: float | None = Field(None, gt=0, description="ray: memory each run declares")
 
 
 KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"  # model and task keys: no dots, they join run names
@@ -146,14 +221,18 @@ class Experiment(Strict):
     methods: dict[str, dict[str, Any]] = Field(min_length=1)
     train: TrainSpec = Field(default_factory=TrainSpec)
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
+    sweep: SweepSpec | None = Field(None, description="a grid of runs; see the README's Sweeps")
+    executor: ExecutorSpec = Field(default_factory=ExecutorSpec)
     output_dir: str = Field("runs", description="runs are written to OUTPUT_DIR/NAME/")
 
     @model_validator(mode="before")
     @classmethod
     def _empty_sections(cls, data: Any) -> Any:
-        """`train:` with nothing under it means the defaults, as it reads."""
+        """`train:` with nothing under it means the defaults, as it reads; `executor: ray` names one."""
         if isinstance(data, dict):
-            return {k: ({} if v is None and k in ("train", "evaluate", "methods") else v) for k, v in data.items()}
+            data = {k: ({} if v is None and k in ("train", "evaluate", "methods") else v) for k, v in data.items()}
+            if isinstance(data.get("executor"), str):
+                data["executor"] = {"name": data["executor"]}
         return data
 
     @field_validator("methods")
@@ -192,6 +271,11 @@ class RunSpec:
 
     In a multi-model / multi-task experiment `group` names the run's model key, task key and method
     entry (the run's name joins them with dots); it is empty in the single-task form.
+
+    Runs expanded from a sweep (sweep.py) also carry where they came from: `base` (the method
+    entry's run name), `point` (dotted key -> value), `stage` (run | sweep | final); sweep points of
+    the sweep-then-train protocol train on `data_fraction` of the training data, are scored on
+    `eval_splits` only and keep no model. A name may contain '/' (sweep points live in sweep/).
     """
 
     name: str
@@ -199,6 +283,33 @@ class RunSpec:
     settings: dict[str, Any]
     train: TrainSpec
     group: dict[str, str] = field(default_factory=dict)
+    base: str = ""
+    point: dict[str, Any] = field(default_factory=dict)
+    stage: Literal["run", "sweep", "final"] = "run"
+    data_fraction: float = 1.0
+    eval_splits: tuple[str, ...] | None = None
+    save_model: bool = True
+    index: int = 0
+
+    @property
+    def base_name(self) -> str:
+        return self.base or self.name
+
+    @property
+    def entry(self) -> str:
+        """The method entry the run comes from (its name in `methods:`)."""
+        return self.group.get("method") or self.base_name
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (JSON) for a worker process or a Ray task."""
+        return {**dataclasses.asdict(self), "train": self.train.model_dump(), "eval_splits": self.eval_splits}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunSpec:
+        splits = data.get("eval_splits")
+        return cls(
+            **{**data, "train": TrainSpec.model_validate(data["train"]), "eval_splits": splits and tuple(splits)}
+        )
 
 
 @dataclass(frozen=True)
@@ -219,10 +330,19 @@ class LoadedExperiment:
     overrides: list[str] = field(default_factory=list)
     group: dict[str, str] = field(default_factory=dict)
     parts: tuple[LoadedExperiment, ...] = ()
+    sweep: Any = None  # sweep.SweepPlan when the experiment has a sweep (or seeds); a part has its own
 
     def groups(self) -> list[LoadedExperiment]:
         """The single-task experiments to prepare: the parts (those with runs), or the experiment itself."""
         return [part for part in self.parts if part.runs] if self.parts else [self]
+
+    def group_of(self, run: RunSpec) -> LoadedExperiment:
+        """The (model, task) group a run belongs to (from its `group`; the experiment itself if single-task)."""
+        key = (run.group.get("model", ""), run.group.get("task", ""))
+        for part in self.groups():
+            if (part.group.get("model", ""), part.group.get("task", "")) == key:
+                return part
+        raise InputError(f"{self.path}: run '{run.name}': no model/task group {'.'.join(key)} in the experiment")
 
     @property
     def group_name(self) -> str:
@@ -449,18 +569,30 @@ def validate_experiment(
         raise  # unreachable: pydantic always reports at least one error
     _check_form(spec, problems)
     problems.raise_if_any()
+    from peftlab.sweep import combine, expand
+
     if spec.is_multi:
         parts = _resolve_parts(spec, raw, path, problems, only)
         problems.raise_if_any()
+        plans = [expand(part.spec, part.task, part.runs, problems) for part in parts]  # type: ignore[arg-type]
+        problems.raise_if_any()
+        parts = [
+            dataclasses.replace(part, runs=plan.first_runs(), sweep=plan)
+            for part, plan in zip(parts, plans, strict=True)
+        ]
         runs = [run for part in parts for run in part.runs]
-        return LoadedExperiment(path=path, spec=spec, task=None, runs=runs, raw=raw, parts=tuple(parts))
+        return LoadedExperiment(
+            path=path, spec=spec, task=None, runs=runs, raw=raw, parts=tuple(parts), sweep=combine(plans)
+        )
     assert spec.task is not None
     task = _validate_task(spec.task, ("task",), problems)
     runs = _resolve_runs(spec, problems, only)
     problems.raise_if_any()
     assert task is not None and spec.data is not None
     _default_max_length(spec.data, task.name)
-    return LoadedExperiment(path=path, spec=spec, task=task, runs=runs, raw=raw)
+    plan = expand(spec, task, runs, problems)
+    problems.raise_if_any()
+    return LoadedExperiment(path=path, spec=spec, task=task, runs=plan.first_runs(), raw=raw, sweep=plan)
 
 
 def _default_max_length(data: DataSpec, task_name: str) -> None:
@@ -586,7 +718,8 @@ def _task_train(spec: Experiment, entry: TaskEntry, where: tuple[str, ...], prob
     if not entry.train:
         return spec.train
     try:
-        return TrainSpec.model_validate({**spec.train.model_dump(), **entry.train})
+        # `seeds` is excluded from dumps (it expands into runs): carried over by hand
+        return TrainSpec.model_validate({**spec.train.model_dump(), "seeds": spec.train.seeds, **entry.train})
     except ValidationError as exc:
         for key_path, msg in _format_pydantic(exc, TrainSpec, where):
             problems.add(key_path, msg)

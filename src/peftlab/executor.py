@@ -1,13 +1,22 @@
-"""How runs are executed: in this process, or each in a fresh worker process (the default).
+"""How runs are executed: in this process, each in a fresh worker process (the default), or as Ray tasks.
 
 Why a process per run: a crash (even a segfault in a native kernel) takes down one run, not the
 experiment; and a run's peak memory is its own process's peak resident memory, which is an honest
 figure. Measured in one long process, memory freed by an earlier run stays mapped and the next
 run's peak is misstated. `--workers N` runs N worker processes at once, each with cores/N threads.
 
-A worker is `python -m peftlab.worker` with the experiment file, the --set overrides and one run
-name; it validates the same experiment, trains that run and exits. `inline` runs everything in the
-calling process (the tests use it: no interpreter start per run).
+A worker is `python -m peftlab.worker` with the experiment file, the --set overrides and the run
+(its resolved RunSpec: sweep points and selected runs need not be named in the file); it validates
+the same experiment, trains that run and exits. `inline` runs everything in the calling process
+(the tests use it: no interpreter start per run).
+
+`ray` submits each run as a Ray task (`executor: {name: ray, address: ..., num_cpus: ...}`): to an
+existing cluster (`ray.init(address=...)`, or RAY_ADDRESS) or to a local Ray instance started for
+the experiment. Each task declares its resources (CPUs, GPUs, memory) and Ray decides where and
+when it runs: peftlab has no scheduler of its own. A task runs in a fresh Ray worker process
+(`max_calls=1`) for the same reasons as above, and does what a worker process does. The nodes must
+see the same paths as the driver (the experiment file, local data, output_dir: a shared filesystem)
+and have peftlab installed with the assets fetched.
 """
 
 from __future__ import annotations
@@ -20,12 +29,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from peftlab.config import RunSpec
+from peftlab.config import ExecutorSpec, RunSpec
+from peftlab.errors import InputError
 from peftlab.store import FAILED, RunDir
 
 Log = Callable[[str], None]
-EXECUTORS = ("process", "inline")
+EXECUTORS = ("process", "inline", "ray")
+# Passed on to Ray workers (a cluster's workers do not inherit the driver's environment).
+RAY_ENV = ("PEFTLAB_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TOKENIZERS_PARALLELISM")
 
 
 @dataclass(frozen=True)
@@ -36,6 +49,8 @@ class WorkerJob:
     overrides: list[str] = field(default_factory=list)
     run: str = ""
     threads: int | None = None
+    spec: dict | None = None  # RunSpec.to_dict()
+    cwd: str = ""  # relative paths (output_dir, data) are read from here
 
     def argv(self) -> list[str]:
         return [sys.executable, "-m", "peftlab.worker", json.dumps(self.__dict__)]
@@ -76,7 +91,7 @@ def _mark_crashed(folder: RunDir, code: int | str, log: Log) -> None:
     """A worker that died before recording its failure (killed, segfault) is marked failed here."""
     if folder.status().get("state") != FAILED:
         folder.set_status(FAILED, error=f"worker process ended with {code}; run again to resume")
-        log(f"[{folder.name}] FAILED: worker process ended with {code}")
+        log(f"[{folder.name}] FAILED: worker ended with {code}")
 
 
 def threads_per_worker(workers: int) -> int | None:
@@ -91,6 +106,79 @@ def jobs_for(
 ) -> list[tuple[WorkerJob, RunDir]]:
     threads = threads_per_worker(workers)
     return [
-        (WorkerJob(str(path), list(overrides), run.name, threads), folder)
+        (WorkerJob(str(path.resolve()), list(overrides), run.name, threads, run.to_dict(), os.getcwd()), folder)
         for run, folder in zip(runs, folders, strict=True)
     ]
+
+
+def run_in_ray(jobs: list[tuple[WorkerJob, RunDir]], spec: ExecutorSpec, log: Log) -> list[str]:
+    """Run each job as a Ray task with its declared resources; return the names of failed runs."""
+    if not jobs:
+        return []
+    try:
+        import ray
+    except ImportError:
+        raise InputError("executor ray: Ray is not installed; install the extra: pip install 'peftlab[ray]'") from None
+    started = not ray.is_initialized()
+    if started:
+        ray.init(**_ray_init_kwargs(spec))
+    resources = {"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus}
+    if spec.memory_gb:
+        resources["memory"] = int(spec.memory_gb * 2**30)
+    task = ray.remote(max_calls=1, max_retries=0)(ray_task).options(**resources)
+    threads = max(1, int(spec.num_cpus))
+    pending = {task.remote(json.dumps({**job.__dict__, "threads": threads})): (job, folder) for job, folder in jobs}
+    log(f"ray: {len(pending)} run(s) submitted, each with {_describe(resources)}")
+    failed: list[str] = []
+    try:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            job, folder = pending.pop(done[0])
+            try:
+                code: int | str = ray.get(done[0])
+            except Exception as exc:  # the task's process died (RayTaskError, WorkerCrashedError, ...)
+                lines = [line for line in str(exc).splitlines() if line.strip()]  # the last: the cause
+                code = f"{type(exc).__name__}: {lines[-1][:300] if lines else ''}"
+            if code != 0:
+                failed.append(job.run)
+                _mark_crashed(folder, code, log)
+    except KeyboardInterrupt:
+        for ref, (_, folder) in pending.items():
+            ray.cancel(ref, force=True)
+            _mark_crashed(folder, "interrupted", log)
+        raise
+    finally:
+        if started:
+            ray.shutdown()
+    return failed
+
+
+def require_ray() -> Any:
+    """The ray module, or an InputError saying how to install it (checked before anything runs)."""
+    try:
+        import ray
+    except ImportError:
+        raise InputError("executor ray: Ray is not installed; install the extra: pip install 'peftlab[ray]'") from None
+    return ray
+
+
+def _ray_init_kwargs(spec: ExecutorSpec) -> dict:
+    env = {k: os.environ[k] for k in RAY_ENV if k in os.environ}
+    kwargs: dict = {"address": spec.address, "runtime_env": {"env_vars": env}, "log_to_driver": True}
+    if spec.address is None and "RAY_ADDRESS" not in os.environ:
+        kwargs["include_dashboard"] = False  # a local instance for this experiment only
+    return kwargs
+
+
+def _describe(resources: dict) -> str:
+    return ", ".join(f"{k.removeprefix('num_')} {v:g}" for k, v in resources.items() if v)
+
+
+def ray_task(job_json: str) -> int:
+    """The body of one Ray task: train one run as a worker process would; returns its exit code."""
+    job = WorkerJob(**json.loads(job_json))
+    if job.threads:
+        os.environ["OMP_NUM_THREADS"] = os.environ["PEFTLAB_THREADS"] = str(job.threads)
+    from peftlab.worker import run_job
+
+    return run_job(job)

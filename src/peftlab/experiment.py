@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import time
 import traceback
@@ -21,13 +22,14 @@ from typing import Any
 from datasets import Dataset, DatasetDict
 
 from peftlab import engine
-from peftlab.config import LoadedExperiment, RunSpec
-from peftlab.data.loading import describe_source, load_splits
+from peftlab.config import DataSpec, ExtraEvalSpec, LoadedExperiment, RunSpec
+from peftlab.data.loading import describe_source, load_rows, load_splits
 from peftlab.errors import EXIT_OK, EXIT_RUN_FAILED, InputError, did_you_mean
-from peftlab.executor import jobs_for, run_in_processes
+from peftlab.executor import jobs_for, require_ray, run_in_processes, run_in_ray
 from peftlab.methods import METHODS, count_parameters
 from peftlab.models import ModelSource, load_config, load_tokenizer, resolve_model
 from peftlab.store import DONE, FAILED, RUNNING, ExperimentDir, RunDir, write_json, write_jsonl, write_yaml
+from peftlab.sweep import run_meta, run_protocol
 from peftlab.tasks import TASKS, Task
 
 Log = Callable[[str], None]
@@ -85,7 +87,12 @@ def run_config(prep: Prepared, run: RunSpec) -> dict[str, Any]:
     }
     if run.group:
         body["group"] = dict(run.group)
-    return {**body, "fingerprint": fingerprint(body)}
+    if run.data_fraction < 1:
+        body["data_fraction"] = run.data_fraction
+    if run.eval_splits is not None:
+        body["eval_splits"] = list(run.eval_splits)
+    meta = run_meta(run)  # where the run sits in a sweep: not a setting, so not fingerprinted
+    return {**body, "fingerprint": fingerprint(body), **({"sweep": meta} if meta else {})}
 
 
 # --- preparation -----------------------------------------------------------------------------
@@ -105,6 +112,8 @@ def prepare(exp: LoadedExperiment, log: Log = log_line) -> Prepared:
         examples = task.prepare(splits, describe_source(spec.data))
     except InputError as exc:
         raise InputError(f"{exp.path}: {exc}") from None
+    for name, extra in spec.evaluate.extra.items():
+        examples[name] = extra_examples(exp, task, name, extra)
     log(f"data: {_label(exp)}" + ", ".join(f"{name} {len(ds)}" for name, ds in examples.items()))
     source = resolve_model(spec.model, exp.base_dir)
     config, _ = load_config(source)
@@ -118,6 +127,20 @@ def prepare(exp: LoadedExperiment, log: Log = log_line) -> Prepared:
     except InputError as exc:
         raise InputError(f"{exp.path}: {describe_source(spec.data)}: {exc}") from None
     return Prepared(exp, task, source, config.model_type, tokenizer, examples, features, ExperimentDir(exp.runs_dir))
+
+
+def extra_examples(exp: LoadedExperiment, task: Task, name: str, extra: ExtraEvalSpec) -> Dataset:
+    """More evaluation data (`evaluate.extra`), read with the task's fitted labels; InputError if unfit."""
+    assert exp.spec.data is not None
+    spec = DataSpec(source=extra.source, config_name=extra.config_name, max_length=exp.spec.data.max_length)
+    try:
+        rows, where = load_rows(spec, extra.split, exp.base_dir)
+        examples = task.examples_from_rows(rows, where)
+    except InputError as exc:
+        raise InputError(f"{exp.path}: {_label(exp)}evaluate.extra.{name}: {exc}") from None
+    if extra.limit is not None and extra.limit < len(examples):
+        examples = examples.shuffle(seed=exp.spec.data.seed).select(range(extra.limit))
+    return examples
 
 
 def _label(exp: LoadedExperiment) -> str:
@@ -139,16 +162,16 @@ def monitor_for(task: Task, run: RunSpec) -> engine.Monitor | None:
     return engine.Monitor(metric, metric != "loss" and task.higher_is_better.get(metric, True))
 
 
-def check_existing(prep: Prepared, fresh: bool, log: Log) -> None:
+def check_existing(prep: Prepared, fresh: bool, log: Log, runs: list[RunSpec] | None = None) -> None:
     """A run folder written with other settings is an error unless --fresh moves it aside."""
     conflicts = []
-    for run in prep.exp.runs:
+    for run in prep.exp.runs if runs is None else runs:
         folder = prep.store.run(run.name)
         old = folder.config()
         if not old or old.get("fingerprint") == run_config(prep, run)["fingerprint"]:
             continue
         if fresh:
-            backup = folder.path.with_name(f"{run.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+            backup = folder.path.with_name(f"{folder.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
             folder.path.rename(backup)
             log(f"[{run.name}] settings changed: moved the old run to {backup.name}")
         else:
@@ -179,11 +202,22 @@ def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") ->
 
 
 def run_experiment(
-    exp: LoadedExperiment, *, fresh: bool = False, executor: str = "process", workers: int = 1, log: Log = log_line
+    exp: LoadedExperiment,
+    *,
+    fresh: bool = False,
+    executor: str | None = None,
+    workers: int = 1,
+    log: Log = log_line,
 ) -> int:
-    """Train and evaluate every run of the experiment, then write the report. Returns an exit code."""
+    """Train and evaluate every run of the experiment, then write the report. Returns an exit code.
+
+    `executor` (process | inline | ray) overrides the experiment file's `executor.name`.
+    """
     if workers < 1:
         raise InputError(f"--workers: expected a number >= 1, got {workers}")
+    kind = executor or exp.spec.executor.name
+    if kind == "ray":
+        require_ray()
     engine.set_threads()
     preps = [prepare(group, log) for group in exp.groups()]
     for prep in preps:
@@ -195,13 +229,7 @@ def run_experiment(
     if exp.spec.evaluate.baselines:
         for prep in preps:
             compute_baselines(prep, log)
-    todo = [(prep, run) for prep in preps for run in prep.exp.runs if not is_done(prep, run, log)]
-    if executor == "inline":
-        failed = [run.name for prep, run in todo if not execute_run(prep, run, log)]
-    else:
-        runs = [run for _, run in todo]
-        jobs = jobs_for(exp.path, exp.overrides, runs, [store.run(r.name) for r in runs], workers)
-        failed = run_in_processes(jobs, workers, log)
+    failed = run_protocol(preps, lambda items: execute_runs(exp, items, kind, workers, log), fresh, log)
     from peftlab.report import build_report, terminal_summary
 
     paths = build_report(store.path)
@@ -212,6 +240,21 @@ def run_experiment(
         log(f"{len(failed)} run(s) failed: {', '.join(failed)} (errors in their status.json)")
         return EXIT_RUN_FAILED
     return EXIT_OK
+
+
+def execute_runs(
+    exp: LoadedExperiment, items: list[tuple[Prepared, RunSpec]], executor: str, workers: int, log: Log
+) -> list[str]:
+    """Train the runs (each with its group's preparation) that are not done yet; return the names that failed."""
+    todo = [(prep, run) for prep, run in items if not is_done(prep, run, log)]
+    if executor == "inline":
+        return [run.name for prep, run in todo if not execute_run(prep, run, log)]
+    store = ExperimentDir(exp.runs_dir)
+    runs = [run for _, run in todo]
+    jobs = jobs_for(exp.path, exp.overrides, runs, [store.run(r.name) for r in runs], workers)
+    if executor == "ray":
+        return run_in_ray(jobs, exp.spec.executor, log)
+    return run_in_processes(jobs, workers, log)
 
 
 def is_done(prep: Prepared, run: RunSpec, log: Log) -> bool:
@@ -310,9 +353,10 @@ def train_and_evaluate(prep: Prepared, run: RunSpec, folder: RunDir, log: Log) -
         f"({100 * trainable / total:.3f}%), lr {run.train.lr:g}, {precision}"
     )
     collator = prep.task.collator(prep.tokenizer)
+    train_examples, train_set = training_set(prep, run)
     result = engine.train(
         model,
-        prep.inputs("train"),
+        prep.task.model_inputs(train_set),
         prep.inputs("validation") if "validation" in prep.features else None,
         collator,
         run.train,
@@ -324,8 +368,9 @@ def train_and_evaluate(prep: Prepared, run: RunSpec, folder: RunDir, log: Log) -
         monitor=monitor_for(prep.task, run),
     )
     evaluation = evaluate_splits(prep, model, run, folder, precision, log)
-    method.save(model, folder.adapter_dir)
-    prep.tokenizer.save_pretrained(folder.adapter_dir)
+    if run.save_model:
+        method.save(model, folder.adapter_dir)
+        prep.tokenizer.save_pretrained(folder.adapter_dir)
     epochs = max(result.epochs_run, 1e-9)
     metrics = {
         "run": run.name,
@@ -342,8 +387,8 @@ def train_and_evaluate(prep: Prepared, run: RunSpec, folder: RunDir, log: Log) -
             "samples_per_second": result.samples_per_second,
             "tokens_per_second": result.tokens_per_second,
             "tokens_seen": result.tokens_seen,
-            "train_examples": len(prep.examples["train"]),
-            "train_sequences": len(prep.features["train"]),  # more than examples when a task windows them
+            "train_examples": train_examples,
+            "train_sequences": len(train_set),  # more than examples when a task windows them
             "resumed_from": result.resumed_from,
             "max_epochs": run.train.epochs,
             **early_stopping_summary(prep, run, result),
@@ -363,6 +408,19 @@ def train_and_evaluate(prep: Prepared, run: RunSpec, folder: RunDir, log: Log) -
     )
     log(f"[{run.name}] done in {result.train_seconds:.0f}s training: {summary}")
     return metrics
+
+
+def training_set(prep: Prepared, run: RunSpec) -> tuple[int, Dataset]:
+    """The run's training examples (their number) and features: all, or for a sweep point a seeded
+    sample of `data_fraction` of the examples, featurized (a task may cut an example into windows)."""
+    examples = prep.examples["train"]
+    if run.data_fraction >= 1:
+        return len(examples), prep.features["train"]
+    data = prep.exp.spec.data
+    assert data is not None and data.max_length is not None
+    count = max(1, math.ceil(run.data_fraction * len(examples)))
+    sample = examples.shuffle(seed=data.seed).select(range(count))
+    return count, prep.task.featurize(sample, prep.tokenizer, data.max_length)
 
 
 def task_summary(task: Task, name: str) -> dict[str, Any]:
@@ -412,7 +470,7 @@ def evaluate_splits(
     """Predict and score each evaluated split; predictions go to predictions/<split>.jsonl."""
     out = {}
     collator = prep.task.collator(prep.tokenizer)
-    for split in prep.exp.spec.evaluate.splits:
+    for split in run.eval_splits or prep.exp.spec.evaluate.all_splits():
         outputs, seconds = engine.predict(model, prep.inputs(split), collator, run.train, precision=precision)
         predictions = prep.task.predict(outputs, prep.examples[split], prep.features[split])
         write_jsonl(folder.predictions_dir / f"{split}.jsonl", predictions)
@@ -431,7 +489,7 @@ def compute_baselines(prep: Prepared, log: Log) -> None:
             "model": str(spec.model),
             "data": spec.data.model_dump(),
             "task": prep.task.state(),
-            "splits": spec.evaluate.splits,
+            "splits": spec.evaluate.all_splits(),
             "seed": spec.train.seed,
         }
     )
@@ -442,7 +500,9 @@ def compute_baselines(prep: Prepared, log: Log) -> None:
         return
     results: dict[str, dict[str, Any]] = {}
     for name, predict_fn in prep.task.baselines(prep.examples["train"]).items():
-        results[name] = {split: prep.task.score(predict_fn(prep.examples[split])) for split in spec.evaluate.splits}
+        results[name] = {
+            split: prep.task.score(predict_fn(prep.examples[split])) for split in spec.evaluate.all_splits()
+        }
     log("baseline: evaluating the untrained model ...")
     first = prep.exp.runs[0] if prep.exp.runs else None
     train_spec = first.train if first else spec.train
@@ -453,7 +513,7 @@ def compute_baselines(prep: Prepared, log: Log) -> None:
     precision = engine.resolve_precision(train_spec.precision)
     collator = prep.task.collator(prep.tokenizer)
     untrained = {}
-    for split in spec.evaluate.splits:
+    for split in spec.evaluate.all_splits():
         outputs, _ = engine.predict(model, prep.inputs(split), collator, train_spec, precision=precision)
         predictions = prep.task.predict(outputs, prep.examples[split], prep.features[split])
         write_jsonl(target.parent / "predictions" / f"untrained-{split}.jsonl", predictions)

@@ -138,11 +138,21 @@ class ExperimentDir:
         return RunDir(self.path / name)
 
     def runs(self) -> list[RunDir]:
-        """Run folders (those with a config.yaml), in the order the experiment lists them."""
+        """Run folders (those with a config.yaml, not moved aside) in the order the experiment lists
+        them; the points of a sweep after their method entry, in grid order."""
         order = list((self.experiment().get("methods") or {}).keys())
-        found = [RunDir(p) for p in self.path.iterdir() if p.is_dir() and (p / "config.yaml").exists()]
+        found = [
+            RunDir(p)
+            for p in self.path.iterdir()
+            if p.is_dir() and (p / "config.yaml").exists() and ".replaced-" not in p.name  # moved aside by --fresh
+        ]
         rank = {name: i for i, name in enumerate(order)}
-        return sorted(found, key=lambda r: (rank.get(r.name, len(rank)), r.name))
+
+        def key(run: RunDir) -> tuple[int, int, str]:
+            meta = run.config().get("sweep") or {}
+            return rank.get(meta.get("base", run.name), len(rank)), int(meta.get("index", 0)), run.name
+
+        return sorted(found, key=key)
 
     def experiment(self) -> dict[str, Any]:
         path = self.path / "experiment.yaml"

@@ -1,9 +1,10 @@
 """`python -m peftlab.worker JOB_JSON`: train one run of an experiment in its own process.
 
 Started by the process executor (executor.py). The worker re-validates the experiment file with
-the same overrides, prepares the data and trains the one run. If its parent dies (killed, closed
-terminal), the worker exits too instead of training on unseen; the run's last checkpoint remains
-and the next `peftlab run` resumes it.
+the same overrides, prepares the data of the run's (model, task) group and trains the one run
+(its resolved RunSpec comes with the job: sweep points and selected runs are not in the file). If
+its parent dies (killed, closed terminal), the worker exits too instead of training on unseen; the
+run's last checkpoint remains and the next `peftlab run` resumes it.
 """
 
 from __future__ import annotations
@@ -13,8 +14,12 @@ import os
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from peftlab.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_RUN_FAILED, InputError
+
+if TYPE_CHECKING:
+    from peftlab.executor import WorkerJob
 
 
 def _exit_with_parent() -> None:
@@ -29,22 +34,32 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, daemon=True, name="peftlab-parent-watch").start()
 
 
-def main(argv: list[str]) -> int:
+def run_job(job: WorkerJob) -> int:
+    """Train the job's run in this process (a worker process or a Ray task); return an exit code."""
     from peftlab.cli import quiet_libraries
-    from peftlab.config import load_experiment
-    from peftlab.executor import WorkerJob
+    from peftlab.config import RunSpec, load_experiment
+    from peftlab.engine import set_threads
     from peftlab.experiment import execute_run, log_line, prepare
 
-    _exit_with_parent()
     quiet_libraries()
-    job = WorkerJob(**json.loads(argv[0]))
+    set_threads()
+    if job.cwd:
+        os.chdir(job.cwd)
     try:
-        exp = load_experiment(job.experiment, job.overrides, only=[job.run])
-        prep = prepare(exp.groups()[0], log=lambda message: None)  # the one (model, task) group of the run
+        exp = load_experiment(job.experiment, job.overrides, only=None if job.spec else [job.run])
+        run = RunSpec.from_dict(job.spec) if job.spec else exp.runs[0]
+        prep = prepare(exp.group_of(run), log=lambda message: None)  # only the run's (model, task) group
     except InputError as exc:
         print(f"peftlab worker: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    return EXIT_OK if execute_run(prep, prep.exp.runs[0], log_line) else EXIT_RUN_FAILED
+    return EXIT_OK if execute_run(prep, run, log_line) else EXIT_RUN_FAILED
+
+
+def main(argv: list[str]) -> int:
+    from peftlab.executor import WorkerJob
+
+    _exit_with_parent()
+    return run_job(WorkerJob(**json.loads(argv[0])))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 from peftlab.errors import InputError
 from peftlab.report import plots
 from peftlab.report.render import Block, Figure, Figures, Heading, Paragraph, Table, to_html, to_markdown
+from peftlab.report.sweeps import sweep_blocks
 from peftlab.store import DONE, ExperimentDir, RunDir, read_json, write_atomic
 
 SKIP_METRICS = {"n", "eval_seconds", "n_truncated"}  # counts, shown in their own block
@@ -35,12 +37,15 @@ def build_report(path: Path | str) -> dict[str, Path]:
         return multitask.build_multitask_report(exp_dir, experiment)
     runs = exp_dir.runs()
     baselines = read_json(exp_dir.baselines_file, {}) or {}
-    splits = list((experiment.get("evaluate") or {}).get("splits") or ["validation", "test"])
-    columns = metric_columns(runs, baselines, splits)
+    evaluate = experiment.get("evaluate") or {}
+    splits = list(evaluate.get("splits") or ["validation", "test"])  # in domain: the best run, confusion matrices
+    scored = splits + list(evaluate.get("extra") or {})  # and the extra evaluation data by name
+    columns = metric_columns(runs, baselines, scored)
     rows = result_rows(runs, baselines, columns)
     title = f"peftlab report: {experiment.get('name', exp_dir.path.name)}"
     blocks = summary_blocks(exp_dir, experiment, runs)
     blocks += results_blocks(rows, columns, baselines.get("primary_metric"), splits)
+    blocks += sweep_blocks(exp_dir, runs, scored, baselines.get("primary_metric") or _primary(runs))
     blocks += multitask.early_stopping_blocks(runs) + multitask.truncation_blocks(runs)
     blocks += settings_blocks(runs)
     blocks += figure_blocks(exp_dir, runs, baselines, splits)
@@ -61,7 +66,8 @@ def terminal_summary(path: Path | str) -> str:
     if multitask.is_multitask(exp_dir.experiment()):
         return multitask.multitask_terminal_summary(exp_dir, exp_dir.experiment())
     baselines = read_json(exp_dir.baselines_file, {}) or {}
-    splits = list((exp_dir.experiment().get("evaluate") or {}).get("splits") or ["validation", "test"])
+    evaluate = exp_dir.experiment().get("evaluate") or {}
+    splits = list(evaluate.get("splits") or ["validation", "test"]) + list(evaluate.get("extra") or {})
     runs = exp_dir.runs()
     primary = baselines.get("primary_metric") or next(iter(metric_columns(runs, baselines, splits)), ("", ""))[1]
     columns = [(split, primary) for split in splits]
@@ -85,6 +91,17 @@ def terminal_summary(path: Path | str) -> str:
 
 
 # --- collecting ------------------------------------------------------------------------------
+
+
+def _primary(runs: list[RunDir]) -> str | None:
+    """The task's primary metric when there are no baselines to say it (evaluate.baselines: false)."""
+    from peftlab.tasks import TASKS
+
+    for run in runs:
+        name = (run.config().get("task") or {}).get("name")
+        if name in TASKS:
+            return str(TASKS.get(name).primary_metric)
+    return None
 
 
 def scalar_metrics(metrics: dict[str, Any]) -> list[str]:
@@ -113,7 +130,10 @@ def result_rows(runs: list[RunDir], baselines: dict[str, Any], columns: list[tup
     for run in runs:
         m = run.metrics()
         status = run.status().get("state", "pending")
-        row = {"run": run.name, "kind": "run", "status": status, "method": run.config().get("method", "")}
+        config = run.config()
+        meta = config.get("sweep") or {}
+        row = {"run": run.name, "kind": "run", "status": status, "method": config.get("method", "")}
+        row.update({"base": meta.get("base", run.name), "point": json.dumps(meta.get("point") or {})})
         if m:
             train, params = m.get("train", {}), m.get("params", {})
             row.update(
@@ -338,6 +358,8 @@ def results_csv(rows: list[dict], columns: list[tuple[str, str]]) -> str:
         "kind",
         "status",
         "method",
+        "base",
+        "point",
         "trainable_params",
         "total_params",
         "trainable_pct",

@@ -9,6 +9,9 @@ Laid out as the LoRA-multi study reports it (../shared/reference/seed-lora-multi
     training time and time per epoch (the study's Tables 2-4);
   - then, per task, the full results table, baselines and per-class scores of the single-task report.
 
+A sweep in a multi-task experiment is not laid out as in the single-task report: each grid point
+(and seed) is simply a row of its own (`lora-r8`), and sweep-then-train adds its sweep table.
+
 Like the rest of the report it is built from the files on disk only. Which run is the reference
 for a PEFT run: the run of the same model and task that trains every weight (trainable = total).
 """
@@ -33,6 +36,7 @@ from peftlab.report import (
     summary_hardware,
 )
 from peftlab.report.render import Block, Heading, Paragraph, Table, to_html, to_markdown
+from peftlab.report.sweeps import selection_blocks
 from peftlab.store import DONE, ExperimentDir, RunDir, read_json, write_atomic
 
 
@@ -58,6 +62,7 @@ class Cell:
     model: str
     task: str
     method: str
+    entry: str = ""  # the method entry (differs from `method` for the points of a sweep)
 
     @property
     def metrics(self) -> dict[str, Any]:
@@ -89,10 +94,11 @@ def build_multitask_report(exp_dir: ExperimentDir, experiment: dict[str, Any]) -
     split = splits[-1]
     cells = _cells(runs)
     tasks = _task_columns(experiment, cells, exp_dir, models)
-    methods = list(experiment.get("methods") or {})
+    methods = _row_methods(experiment, cells)
     blocks: list[Block] = [Paragraph(line) for line in _summary_lines(exp_dir, experiment, tasks, runs)]
     blocks += summary_table_blocks(cells, tasks, models, methods, split, exp_dir)
     blocks += share_blocks(cells, tasks, split)
+    blocks += selection_blocks(exp_dir)  # sweep-then-train: its sweep table, when there was one
     blocks += time_blocks(cells, tasks, models, methods)
     blocks += early_stopping_blocks(runs)
     blocks += truncation_blocks(runs)
@@ -116,7 +122,19 @@ def _cells(runs: list[RunDir]) -> list[Cell]:
     out = []
     for run in runs:
         group = run.config().get("group") or {}
-        out.append(Cell(run, group.get("model", ""), group.get("task", ""), group.get("method", run.name)))
+        model, task, entry = group.get("model", ""), group.get("task", ""), group.get("method", run.name)
+        prefix = group_name(model, task) + "."
+        # a sweep point or seed of the entry is its own row under its own name (lora-r8, lora-seed1)
+        method = run.name[len(prefix) :] if prefix != "." and run.name.startswith(prefix) else entry
+        out.append(Cell(run, model, task, method, entry))
+    return out
+
+
+def _row_methods(experiment: dict[str, Any], cells: list[Cell]) -> list[str]:
+    """The rows' methods: the method entries in the file's order, each followed by its sweep points."""
+    out: list[str] = []
+    for entry in experiment.get("methods") or {}:
+        out += list(dict.fromkeys(c.method for c in cells if c.entry == entry)) or [entry]
     return out
 
 
@@ -468,7 +486,7 @@ def multitask_terminal_summary(exp_dir: ExperimentDir, experiment: dict[str, Any
     splits = list((experiment.get("evaluate") or {}).get("splits") or ["validation", "test"])
     cells = _cells(exp_dir.runs())
     tasks = _task_columns(experiment, cells, exp_dir, models)
-    table = summary_table_blocks(cells, tasks, models, list(experiment.get("methods") or {}), splits[-1], exp_dir)
+    table = summary_table_blocks(cells, tasks, models, _row_methods(experiment, cells), splits[-1], exp_dir)
     block = table[1]
     assert isinstance(block, Table)
     widths = [max(len(str(c)) for c in col) for col in zip(block.header, *block.rows, strict=True)]
