@@ -347,14 +347,23 @@ def _samples_seen(state: Any, spec: TrainSpec, n_train: int) -> int:
 
 
 def predict(
-    model: nn.Module, features: Dataset, collator: Callable, spec: TrainSpec, *, precision: str
+    model: nn.Module,
+    features: Dataset,
+    collator: Callable,
+    spec: TrainSpec,
+    *,
+    precision: str,
+    reduce: Callable[[Any, Any], Any] | None = None,
 ) -> tuple[Any, float]:
-    """The model's raw outputs on `features` (logits; a tuple for multi-output heads), and seconds."""
+    """The model's raw outputs on `features` (logits; a tuple for multi-output heads), and seconds.
+
+    `reduce(logits, labels)`, when given, shrinks each batch's outputs before they are collected.
+    """
     from transformers import Trainer
 
     with _scratch_dir() as tmp:
         args = training_arguments(spec, tmp, has_eval=False, precision=precision, quiet=True)
-        trainer = Trainer(model=model, args=args, data_collator=collator)
+        trainer = Trainer(model=model, args=args, data_collator=collator, preprocess_logits_for_metrics=reduce)
         _quiet(trainer)
         start = time.perf_counter()
         output = trainer.predict(features)

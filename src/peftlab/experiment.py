@@ -15,7 +15,7 @@ import shutil
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from datasets import Dataset, DatasetDict
@@ -27,6 +27,7 @@ from peftlab.errors import EXIT_OK, EXIT_RUN_FAILED, InputError
 from peftlab.executor import jobs_for, run_in_processes
 from peftlab.methods import METHODS, count_parameters
 from peftlab.models import ModelSource, load_config, load_tokenizer, resolve_model
+from peftlab.slices import score_with_sources, source_counts, source_map
 from peftlab.store import DONE, FAILED, RUNNING, ExperimentDir, RunDir, write_json, write_jsonl, write_yaml
 from peftlab.tasks import TASKS, Task
 
@@ -49,6 +50,8 @@ class Prepared:
     examples: DatasetDict
     features: dict[str, Dataset]
     store: ExperimentDir
+    predict_features: dict[str, Dataset] = field(default_factory=dict)  # per evaluated split
+    sources: dict[str, dict[str, str]] = field(default_factory=dict)  # split -> id -> source (data.sources)
 
 
 def fingerprint(data: dict[str, Any]) -> str:
@@ -90,13 +93,25 @@ def prepare(exp: LoadedExperiment, log: Log = log_line) -> Prepared:
     log("data: " + ", ".join(f"{name} {len(ds)}" for name, ds in examples.items()))
     source = resolve_model(spec.model, exp.base_dir)
     config, _ = load_config(source)
-    for run in exp.runs:  # a method setting the architecture cannot take fails here, not mid-run
-        METHODS.get(run.method)(**run.settings).resolve(config.model_type)
+    for run in exp.runs:  # a method setting the architecture or machine cannot take fails here, not mid-run
+        method = METHODS.get(run.method)(**run.settings)
+        method.resolve(config.model_type)
+        try:
+            method.check_runtime()
+        except InputError as exc:
+            raise InputError(f"{exp.path}: methods.{run.name}: {exc}") from None
         engine.resolve_precision(run.train.precision)
     tokenizer = load_tokenizer(source)
     log(f"model: {source.describe()} ({config.model_type}); tokenizing ...")
-    features = {name: task.featurize(ds, tokenizer, spec.data.max_length) for name, ds in examples.items()}
-    return Prepared(exp, task, source, config.model_type, tokenizer, examples, features, ExperimentDir(exp.runs_dir))
+    try:
+        features = {name: task.featurize(ds, tokenizer, spec.data.max_length) for name, ds in examples.items()}
+        scoring = {s: task.predict_features(examples[s], tokenizer, spec.data.max_length) for s in spec.evaluate.splits}
+    except InputError as exc:
+        raise InputError(f"{exp.path}: {exc}") from None
+    store = ExperimentDir(exp.runs_dir)
+    return Prepared(
+        exp, task, source, config.model_type, tokenizer, examples, features, store, scoring, source_map(splits)
+    )
 
 
 def check_existing(prep: Prepared, fresh: bool, log: Log) -> None:
@@ -149,7 +164,7 @@ def run_experiment(
     check_existing(prep, fresh, log)
     prep.store.path.mkdir(parents=True, exist_ok=True)
     write_yaml(prep.store.path / "experiment.yaml", _resolved_experiment(prep))
-    write_json(prep.store.path / "data.json", data_summary(prep.examples))
+    write_json(prep.store.path / "data.json", data_summary(prep.examples, prep.sources))
     if exp.spec.evaluate.baselines:
         compute_baselines(prep, log)
     todo = [run for run in exp.runs if not is_done(prep, run, log)]
@@ -180,15 +195,18 @@ def is_done(prep: Prepared, run: RunSpec, log: Log) -> bool:
     return done
 
 
-def data_summary(examples: DatasetDict) -> dict[str, Any]:
-    """Examples per split (and label counts where examples carry a single string label)."""
+def data_summary(examples: DatasetDict, sources: dict[str, dict[str, str]] | None = None) -> dict[str, Any]:
+    """Examples per split (and label counts where examples carry a single string label; per-source counts)."""
     from collections import Counter
 
     out = {}
+    counts = source_counts(sources or {})
     for name, ds in examples.items():
         entry: dict[str, Any] = {"n": len(ds)}
         if "label" in ds.column_names and ds.features["label"].dtype == "string":
             entry["labels"] = dict(sorted(Counter(ds["label"]).items()))
+        if name in counts:
+            entry["sources"] = counts[name]
         out[name] = entry
     return out
 
@@ -298,13 +316,27 @@ def evaluate_splits(
 ) -> dict[str, dict[str, Any]]:
     """Predict and score each evaluated split; predictions go to predictions/<split>.jsonl."""
     out = {}
-    collator = prep.task.collator(prep.tokenizer)
     for split in prep.exp.spec.evaluate.splits:
-        outputs, seconds = engine.predict(model, prep.features[split], collator, run.train, precision=precision)
-        predictions = prep.task.predict(outputs, prep.examples[split], prep.features[split])
-        write_jsonl(folder.predictions_dir / f"{split}.jsonl", predictions)
-        out[split] = {**prep.task.score(predictions), "eval_seconds": round(seconds, 3)}
+        metrics, seconds = predict_and_score(
+            prep, model, split, run.train, precision, folder.predictions_dir / f"{split}.jsonl"
+        )
+        out[split] = {**metrics, "eval_seconds": round(seconds, 3)}
     return out
+
+
+def predict_and_score(
+    prep: Prepared, model: Any, split: str, train: Any, precision: str, path: Any
+) -> tuple[dict[str, Any], float]:
+    """Predict one split, write the predictions to `path`, score them (per source too); seconds predicting."""
+    features = prep.predict_features[split]
+    collator = prep.task.collator(prep.tokenizer)
+    outputs, seconds = engine.predict(
+        model, features, collator, train, precision=precision, reduce=prep.task.reduce_outputs
+    )
+    predictions = prep.task.predict(outputs, prep.examples[split], features)
+    metrics = score_with_sources(prep.task.score, predictions, prep.sources.get(split))
+    write_jsonl(path, predictions)
+    return metrics, seconds
 
 
 # --- baselines -------------------------------------------------------------------------------
@@ -329,7 +361,10 @@ def compute_baselines(prep: Prepared, log: Log) -> None:
         return
     results: dict[str, dict[str, Any]] = {}
     for name, predict_fn in prep.task.baselines(prep.examples["train"]).items():
-        results[name] = {split: prep.task.score(predict_fn(prep.examples[split])) for split in spec.evaluate.splits}
+        results[name] = {
+            split: score_with_sources(prep.task.score, predict_fn(prep.examples[split]), prep.sources.get(split))
+            for split in spec.evaluate.splits
+        }
     log("baseline: evaluating the untrained model ...")
     first = prep.exp.runs[0] if prep.exp.runs else None
     train_spec = first.train if first else spec.train
@@ -338,12 +373,9 @@ def compute_baselines(prep: Prepared, log: Log) -> None:
     set_seed(spec.train.seed)
     model = prep.task.build_model(prep.source, prep.tokenizer)
     precision = engine.resolve_precision(train_spec.precision)
-    collator = prep.task.collator(prep.tokenizer)
     untrained = {}
     for split in spec.evaluate.splits:
-        outputs, _ = engine.predict(model, prep.features[split], collator, train_spec, precision=precision)
-        predictions = prep.task.predict(outputs, prep.examples[split], prep.features[split])
-        write_jsonl(target.parent / "predictions" / f"untrained-{split}.jsonl", predictions)
-        untrained[split] = prep.task.score(predictions)
+        path = target.parent / "predictions" / f"untrained-{split}.jsonl"
+        untrained[split], _ = predict_and_score(prep, model, split, train_spec, precision, path)
     results["untrained model"] = untrained
     write_json(target, {"fingerprint": key, "primary_metric": prep.task.primary_metric, "baselines": results})

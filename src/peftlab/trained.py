@@ -42,9 +42,10 @@ class TrainedRun:
 
     def predict(self, examples: Dataset) -> list[Prediction]:
         """Predictions for canonical examples, exactly as the run's own evaluation made them."""
-        features = self.task.featurize(examples, self.tokenizer, self.max_length)
+        features = self.task.predict_features(examples, self.tokenizer, self.max_length)
+        collator = self.task.collator(self.tokenizer)
         outputs, _ = engine.predict(
-            self.model, features, self.task.collator(self.tokenizer), self.train, precision=self.precision
+            self.model, features, collator, self.train, precision=self.precision, reduce=self.task.reduce_outputs
         )
         return self.task.predict(outputs, examples, features)
 

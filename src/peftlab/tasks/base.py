@@ -80,6 +80,16 @@ class Task:
         """Model inputs (and labels) only: the Trainer receives exactly these columns."""
         raise NotImplementedError
 
+    def predict_features(self, examples: Dataset, tokenizer: Any, max_length: int) -> Dataset:
+        """Model inputs for prediction. Default: featurize's rows. A task whose prediction needs other
+        rows (e.g. one row per candidate answer, scored by likelihood) returns those instead."""
+        return self.featurize(examples, tokenizer, max_length)
+
+    # Optional, per batch during prediction: (raw logits, labels) -> what is kept of them. A causal LM's
+    # logits are vocabulary-sized per position; a task that needs a few numbers of them reduces them
+    # here instead of letting every batch's logits pile up (the Trainer's preprocess_logits_for_metrics).
+    reduce_outputs: Callable[[Any, Any], Any] | None = None
+
     def collator(self, tokenizer: Any) -> Callable:
         from transformers import DataCollatorWithPadding
 
