@@ -263,7 +263,25 @@ def instantiate(
     if getattr(config, "pad_token_id", None) is None and tokenizer is not None:
         config.pad_token_id = tokenizer.pad_token_id
     with _quiet_transformers():
-        return auto_cls.from_config(config)
+        model = auto_cls.from_config(config)
+    if weights and load_kwargs:
+        return _reload(auto_cls, model, load_kwargs)
+    return model
+
+
+def _reload(auto_cls: Any, model: Any, load_kwargs: dict[str, Any]) -> Any:
+    """A random-weight model loaded again with from_pretrained options (e.g. 4-bit quantization).
+
+    Quantizers act while a checkpoint is loaded, so the random weights are saved to a temporary
+    folder first: the model is then quantized exactly as a pretrained one would be.
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="peftlab-random-") as tmp, _quiet_transformers():
+        model.save_pretrained(tmp)
+        loaded = auto_cls.from_pretrained(tmp, **load_kwargs)
+    loaded.name_or_path = ""  # built from a config, as before: not the (deleted) temporary folder
+    return loaded
 
 
 def _from_pretrained(auto_cls: Any, source: ModelSource, updates: dict[str, Any], load_kwargs: dict[str, Any]) -> Any:
