@@ -284,14 +284,28 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         node = data
         parts = key.strip().split(".")
         for part in parts[:-1]:
-            child = node.get(part) if isinstance(node, dict) else None
+            if isinstance(node, list):  # a list item by its index: data.sources.0.limits.train=100
+                node = _list_item(node, part, item)
+                continue
+            child = node.get(part)
             if child is None:
                 child = node[part] = {}
-            if not isinstance(child, dict):
+            if not isinstance(child, dict | list):
                 raise InputError(f"--set {item!r}: '{part}' is not a section")
             node = child
-        node[parts[-1]] = parse_yaml(value, f"--set {key}") if value.strip() else None
+        parsed = parse_yaml(value, f"--set {key}") if value.strip() else None
+        if isinstance(node, list):
+            _list_item(node, parts[-1], item)  # checks the index
+            node[int(parts[-1])] = parsed
+        else:
+            node[parts[-1]] = parsed
     return data
+
+
+def _list_item(items: list[Any], part: str, item: str) -> Any:
+    if not part.isdigit() or int(part) >= len(items):
+        raise InputError(f"--set {item!r}: '{part}' is not an index of a list of {len(items)} items")
+    return items[int(part)]
 
 
 # ---------------------------------------------------------------------------------------------

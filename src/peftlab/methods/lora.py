@@ -7,6 +7,7 @@ embeddings in fp32, input gradients) and gradient checkpointing is on; the adapt
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 from peft import LoraConfig, PeftConfig, prepare_model_for_kbit_training
@@ -16,7 +17,7 @@ from torch import nn
 
 from peftlab.errors import InputError
 from peftlab.methods import quantize as quant
-from peftlab.methods.base import MethodSettings
+from peftlab.methods.base import BuildModel, MethodSettings
 from peftlab.methods.peft_common import PeftMethod, default_targets
 from peftlab.registry import METHODS
 
@@ -91,9 +92,14 @@ class Lora(PeftMethod):
     def apply(self, model: nn.Module, *, head_modules: list[str], task_type: str) -> nn.Module:
         if getattr(model, "is_loaded_in_4bit", False):
             model = prepare_model_for_kbit_training(
-                model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
+                quant.keep_training_layout(model),
+                use_gradient_checkpointing=True,
+                gradient_checkpointing_kwargs={"use_reentrant": False},
             )
         return super().apply(model, head_modules=head_modules, task_type=task_type)
+
+    def load(self, build: BuildModel, directory: Path) -> nn.Module:
+        return quant.keep_training_layout(super().load(build, directory))
 
     def peft_config(self, *, head_modules: list[str], task_type: str, model_type: str) -> PeftConfig:
         s = self.resolve(model_type)

@@ -69,6 +69,22 @@ def probe(kind: Quantize = "nf4") -> str | None:
     return None
 
 
+def keep_training_layout(model: nn.Module) -> nn.Module:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a Linear4bit's weights the first time it runs
+    in eval mode without gradients, and keeps them repacked: a training step after that (e.g. after
+    the per-epoch validation) computes through a kernel with no backward, so the gradient stops at
+    every 4-bit layer and earlier adapters get none (tests/methods/test_qlora.py shows it). The
+    repacked weights also compute slightly differently, so a reloaded run would not reproduce its
+    own predictions. The ordinary 4-bit path is used throughout instead.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
 def bytes_per_weight(double_quant: bool) -> float:
     """Storage of one 4-bit weight with its share of the block scales (what a QLoRA base model holds)."""
     scales = 1 / BLOCK + 4 / (BLOCK * DOUBLE_QUANT_BLOCK) if double_quant else 4 / BLOCK
