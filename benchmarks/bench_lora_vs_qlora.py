@@ -66,11 +66,13 @@ def build(name: str):
 
 def measure(name: str) -> dict:
     """Runs in a child process: build, then time the steps under peftlab's own peak-memory meter."""
-    from peftlab.engine import PeakMemory, resolve_precision
+    from peftlab.engine import PeakMemory, _release_freed_memory, resolve_precision
     from peftlab.methods import count_parameters
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, model_name = build(name)
+    if device == "cpu":
+        _release_freed_memory()
     loaded = psutil.Process().memory_info().rss / 2**20 if device == "cpu" else torch.cuda.memory_allocated() / 2**20
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
