@@ -1,4 +1,4 @@
-"""The real smollm2-135m asset: a plain Llama checkpoint (converted from GGUF), scored zero-shot via its chat template."""
+"""The real smollm2-135m asset: a plain Llama checkpoint (from GGUF), scored zero-shot via its chat template."""
 
 from __future__ import annotations
 
