@@ -218,19 +218,10 @@ class CausalClassification(Classification):
         if self.options.head == "linear":
             return super().predict(outputs, examples, features)
         scores = np.asarray(outputs, dtype=np.float64).reshape(len(examples), len(self.labels))
-        probs = np.exp(scores - scores.max(axis=1, keepdims=True))
-        probs /= probs.sum(axis=1, keepdims=True)
-        return [
-            {
-                "id": ex["id"],
-                "text": ex["text"],
-                "label": ex["label"],
-                "prediction": self.labels[int(s.argmax())],
-                "probs": {label: round(float(v), 5) for label, v in zip(self.labels, p, strict=True)},
-                "loglik": {label: round(float(v), 5) for label, v in zip(self.labels, s, strict=True)},
-            }
-            for ex, s, p in zip(examples, scores, probs, strict=True)
-        ]
+        records = super().predict(scores, examples, features)  # probs: softmax of the log-likelihoods
+        for record, row in zip(records, scores, strict=True):
+            record["loglik"] = {label: round(float(v), 5) for label, v in zip(self.labels, row, strict=True)}
+        return records
 
 
 def _pair(batch: dict[str, list], i: int) -> str | None:
