@@ -49,6 +49,8 @@ def test_runs_record_per_source_metrics_and_memory(finished: Path) -> None:
         assert sum(m["n"] for m in test["by_source"].values()) == test["n"] == 12 + 10
         assert metrics["memory"]["peak_mib"] > 0
         assert metrics["train"]["steps"] == 3  # 48 + 18 examples: 5 batches of 16, accumulated in pairs: ceil(5 / 2)
+        history = read_jsonl(finished / run / "history.jsonl")
+        assert 0 <= history[-1]["eval_accuracy"] <= 1  # the per-epoch validation metrics, from the training rows
         predictions = read_jsonl(finished / run / "predictions" / "test.jsonl")
         assert {p["source"] for p in predictions} == {"tiny_cls", "reviews"}
     data = json.loads((finished / "data.json").read_text())

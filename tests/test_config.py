@@ -122,3 +122,14 @@ def _write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "list.yaml"
     path.write_text(text)
     return path
+
+
+def test_union_errors_are_merged_into_one_message(tmp_path: Path) -> None:
+    exp = tiny_experiment(tmp_path, model=123)
+    exp["train"]["lr"] = "fast"
+    message = error_of(tmp_path, exp)
+    assert "train.lr: expected a valid number, unable to parse string as a number, or 'auto' (got 'fast')" in message
+    assert message.count("model:") == 1 and "(got 123)" in message
+    exp = tiny_experiment(tmp_path, model={"arc": "bert"})
+    message = error_of(tmp_path, exp)
+    assert "model.arc: unknown key (did you mean 'arch'?)" in message and "valid string" not in message

@@ -165,3 +165,10 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path: Path) -> None:
         5.0,
         6.0,
     ]
+
+
+def test_run_ends_with_a_terminal_summary(finished) -> None:
+    _, _, lines = finished
+    header = next(i for i, line in enumerate(lines) if line.startswith("run ") and "test accuracy" in line)
+    names = [line.split()[0] for line in lines[header + 2 : header + 5]]
+    assert names == ["full", "lora", "ia3"] and lines[-1].startswith("report: ")

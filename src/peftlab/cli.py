@@ -103,7 +103,10 @@ def cmd_assets(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from peftlab import __version__
+
     parser = argparse.ArgumentParser(prog="peftlab", description="A lab bench for parameter-efficient fine-tuning.")
+    parser.add_argument("--version", action="version", version=f"peftlab {__version__}")
     sub = parser.add_subparsers(dest="verb", required=True)
 
     def experiment_args(p: argparse.ArgumentParser) -> None:

@@ -115,6 +115,14 @@ class DataSpec(Strict):
         return self
 
 
+class EarlyStoppingSpec(Strict):
+    """Patience on a validation metric, checked after each epoch (the Trainer's EarlyStoppingCallback)."""
+
+    patience: PositiveInt = Field(3, description="stop after this many epochs without improvement")
+    metric: str = Field("auto", description="auto = the task's primary metric; loss; or any metric the task reports")
+    min_delta: float = Field(0.0, ge=0, description="an improvement smaller than this does not count")
+
+
 class TrainSpec(Strict):
     """Training settings shared by every run (a method entry may override any of them)."""
 
@@ -136,6 +144,9 @@ class TrainSpec(Strict):
         "epoch", description="'epoch' or a number of optimizer steps"
     )
     gradient_checkpointing: bool = False
+    early_stopping: EarlyStoppingSpec | None = Field(
+        None, description="stop when a validation metric stops improving; the best epoch's weights are kept"
+    )
 
     @field_validator("lr")
     @classmethod
@@ -143,6 +154,14 @@ class TrainSpec(Strict):
         if isinstance(value, float) and value <= 0:
             raise ValueError("the learning rate must be > 0 (or 'auto')")
         return value
+
+    @model_validator(mode="after")
+    def _early_stopping_per_epoch(self) -> TrainSpec:
+        if self.early_stopping is not None and self.checkpoint_every != "epoch":
+            raise ValueError(
+                "early_stopping evaluates and keeps the best weights once per epoch: set checkpoint_every: epoch"
+            )
+        return self
 
 
 class EvaluateSpec(Strict):
@@ -152,14 +171,30 @@ class EvaluateSpec(Strict):
     baselines: bool = Field(True, description="majority class (or the task's own) and the untrained model")
 
 
+KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"  # model and task keys: no dots, they join run names
+
+
+class TaskEntry(Strict):
+    """One task of a multi-task experiment: the task, its data, and training settings for it."""
+
+    key: str | None = Field(None, pattern=KEY_PATTERN, description="its name in run names and the report")
+    task: str | dict[str, Any]
+    data: DataSpec
+    train: dict[str, Any] = Field(default_factory=dict, description="overrides of `train` for this task")
+
+
 class Experiment(Strict):
-    """One experiment file."""
+    """One experiment file: one model, task and data, or several (`models:`, `tasks:`)."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     description: str = ""
-    model: str | RandomModelSpec
-    task: str | dict[str, Any]
-    data: DataSpec
+    model: str | RandomModelSpec | None = None
+    models: dict[str, str | RandomModelSpec] | None = Field(
+        None, min_length=1, description="several models: key -> model; each (model, task, method) is a run"
+    )
+    task: str | dict[str, Any] | None = None
+    data: DataSpec | None = None
+    tasks: list[TaskEntry] | None = Field(None, min_length=1, description="several tasks, each with its data")
     methods: dict[str, dict[str, Any]] = Field(min_length=1)
     train: TrainSpec = Field(default_factory=TrainSpec)
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
@@ -181,6 +216,19 @@ class Experiment(Strict):
                 raise ValueError(f"run name '{run}' may use only letters, digits, '_', '.', '-'")
         return {run: settings or {} for run, settings in value.items()}
 
+    @field_validator("models")
+    @classmethod
+    def _model_keys(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        for key in value or {}:
+            if not re.match(KEY_PATTERN, key):
+                raise ValueError(f"model key '{key}' may use only letters, digits, '_', '-'")
+        return value
+
+    @property
+    def is_multi(self) -> bool:
+        """True for the multi-model / multi-task form (`models:` or `tasks:`)."""
+        return self.models is not None or self.tasks is not None
+
 
 @dataclass(frozen=True)
 class TaskSpec:
@@ -192,24 +240,46 @@ class TaskSpec:
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One run: a method with resolved settings and resolved training settings."""
+    """One run: a method with resolved settings and resolved training settings.
+
+    In a multi-model / multi-task experiment `group` names the run's model key, task key and method
+    entry (the run's name joins them with dots); it is empty in the single-task form.
+    """
 
     name: str
     method: str
     settings: dict[str, Any]
     train: TrainSpec
+    group: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class LoadedExperiment:
-    """A validated experiment: the schema object plus what was resolved from it."""
+    """A validated experiment: the schema object plus what was resolved from it.
+
+    A multi-model / multi-task experiment is a list of `parts`, one per (model, task) group, each
+    a single-task experiment of its own (spec with one model, task and data; its runs; `group`
+    naming its keys). Its own `task` is None and its `runs` are all the parts' runs. Code that
+    prepares data or builds models works on `groups()`, which is [self] for the single-task form.
+    """
 
     path: Path
     spec: Experiment
-    task: TaskSpec
+    task: TaskSpec | None
     runs: list[RunSpec]
     raw: dict[str, Any]
     overrides: list[str] = field(default_factory=list)
+    group: dict[str, str] = field(default_factory=dict)
+    parts: tuple[LoadedExperiment, ...] = ()
+
+    def groups(self) -> list[LoadedExperiment]:
+        """The single-task experiments to prepare: the parts (those with runs), or the experiment itself."""
+        return [part for part in self.parts if part.runs] if self.parts else [self]
+
+    @property
+    def group_name(self) -> str:
+        """'model.task' of a part (what it shares in run names); '' for the single-task form."""
+        return ".".join(v for v in (self.group.get("model"), self.group.get("task")) if v)
 
     @property
     def base_dir(self) -> Path:
@@ -313,24 +383,46 @@ def _list_item(items: list[Any], part: str, item: str) -> Any:
 
 
 def _format_pydantic(exc: ValidationError, model: type[BaseModel], prefix: tuple[str, ...]) -> list[tuple]:
-    """Turn pydantic errors into (key path, message) pairs with did-you-mean for unknown keys."""
-    out = []
+    """Turn pydantic errors into (key path, message) pairs with did-you-mean for unknown keys.
+
+    A value that fails every member of a union (e.g. `lr: float | 'auto'`) gives one error per
+    member; they are merged into one "expected A or B" message. When a mapping was given for a
+    `str | Spec` union, only the Spec's own errors are kept: the user clearly meant the mapping form.
+    """
+    found: dict[tuple[str, ...], list[str]] = {}
     for err in exc.errors():
         loc = tuple(str(p) for p in err["loc"] if not _is_union_tag(p))
-        path = prefix + loc
-        if err["type"] == "extra_forbidden":
-            known = _fields_at(model, loc[:-1])
-            msg = f"unknown key{did_you_mean(loc[-1], known)}"
-            if known:
-                msg += f"; expected one of: {', '.join(sorted(known))}"
-        elif err["type"] == "missing":
-            msg = "required key is missing"
-        else:
-            got = err.get("input")
-            shown = "" if isinstance(got, dict | list) else f" (got {got!r})"
-            msg = err["msg"] + shown
-        out.append((path, msg))
+        found.setdefault(prefix + loc, []).append(_message(err, model, loc))
+    deeper = {path[:n] for path in found for n in range(len(path))}
+    out = []
+    for path, messages in found.items():
+        if path in deeper and all(m.startswith("Input should be a valid") for m in messages):
+            continue
+        out.append((path, messages[0] if len(messages) == 1 else _merge(messages)))
     return out
+
+
+def _message(err: dict[str, Any], model: type[BaseModel], loc: tuple[str, ...]) -> str:
+    if err["type"] == "extra_forbidden":
+        known = _fields_at(model, loc[:-1])
+        msg = f"unknown key{did_you_mean(loc[-1], known)}"
+        return msg + (f"; expected one of: {', '.join(sorted(known))}" if known else "")
+    if err["type"] == "missing":
+        return "required key is missing"
+    got = err.get("input")
+    return err["msg"] + ("" if isinstance(got, dict | list) else f" (got {got!r})")
+
+
+def _merge(messages: list[str]) -> str:
+    """'Input should be X (got v)' + 'Input should be Y (got v)' -> 'expected X, or Y (got v)'."""
+    got = ""
+    parts = []
+    for message in messages:
+        if " (got " in message:
+            message, got = message.rsplit(" (got ", 1)
+            got = f" (got {got}"
+        parts.append(message.removeprefix("Input should be ").removeprefix("Value error, "))
+    return "expected " + ", or ".join(dict.fromkeys(parts)) + got
 
 
 def _is_union_tag(part: Any) -> bool:
@@ -380,7 +472,9 @@ class _Problems:
                 break
         where = f"{self.source}:{line}" if line else self.source
         key = ".".join(path) if path else "(top level)"
-        self.items.append(f"{where}: {key}: {message}")
+        text = f"{where}: {key}: {message}"
+        if text not in self.items:  # the groups of a multi-task experiment share their method entries
+            self.items.append(text)
 
     def raise_if_any(self) -> None:
         if self.items:
@@ -403,7 +497,8 @@ def load_experiment(
         raise InputError(f"{path}: expected a mapping of keys (name, model, task, data, methods, ...)")
     raw = apply_overrides(raw, overrides or [])
     loaded = validate_experiment(raw, path, line_index(text), only)
-    return dataclasses.replace(loaded, overrides=list(overrides or []))
+    parts = tuple(dataclasses.replace(part, overrides=list(overrides or [])) for part in loaded.parts)
+    return dataclasses.replace(loaded, overrides=list(overrides or []), parts=parts)
 
 
 def validate_experiment(
@@ -418,57 +513,140 @@ def validate_experiment(
             problems.add(key_path, msg)
         problems.raise_if_any()
         raise  # unreachable: pydantic always reports at least one error
-    task = _validate_task(spec, problems)
+    _check_form(spec, problems)
+    problems.raise_if_any()
+    if spec.is_multi:
+        parts = _resolve_parts(spec, raw, path, problems, only)
+        problems.raise_if_any()
+        runs = [run for part in parts for run in part.runs]
+        return LoadedExperiment(path=path, spec=spec, task=None, runs=runs, raw=raw, parts=tuple(parts))
+    assert spec.task is not None
+    task = _validate_task(spec.task, ("task",), problems)
     runs = _resolve_runs(spec, problems, only)
     problems.raise_if_any()
     assert task is not None
     return LoadedExperiment(path=path, spec=spec, task=task, runs=runs, raw=raw)
 
 
-def _validate_task(spec: Experiment, problems: _Problems) -> TaskSpec | None:
+def _check_form(spec: Experiment, problems: _Problems) -> None:
+    """One model (`model`) or several (`models`); one task with its data (`task`, `data`) or several (`tasks`)."""
+    if spec.model is not None and spec.models is not None:
+        problems.add(("models",), "give either `model:` (one model) or `models:` (key -> model), not both")
+    elif spec.model is None and spec.models is None:
+        problems.add(("model",), "required key is missing (or `models:` for several models)")
+    for key in ("task", "data"):
+        if spec.tasks is not None and getattr(spec, key) is not None:
+            problems.add((key,), f"with `tasks:` each task entry has its own {key}; remove the top-level `{key}:`")
+        elif spec.tasks is None and getattr(spec, key) is None:
+            problems.add((key,), "required key is missing (or `tasks:` for several tasks, each with its data)")
+
+
+def _validate_task(value: str | dict[str, Any], where: tuple[str, ...], problems: _Problems) -> TaskSpec | None:
     """Look the task up in the registry and validate its options with the task's own schema."""
     from peftlab.tasks import TASKS
 
-    options = {"name": spec.task} if isinstance(spec.task, str) else dict(spec.task)
+    options = {"name": value} if isinstance(value, str) else dict(value)
     name = options.pop("name", None)
     if not name:
-        problems.add(("task", "name"), "required key is missing (the task's name, e.g. classification)")
+        problems.add((*where, "name"), "required key is missing (the task's name, e.g. classification)")
         return None
     try:
         task_cls = TASKS.get(name)
     except InputError as exc:
-        problems.add(("task",) if isinstance(spec.task, str) else ("task", "name"), str(exc))
+        problems.add(where if isinstance(value, str) else (*where, "name"), str(exc))
         return None
     try:
         validated = task_cls.Options.model_validate(options).model_dump()
     except ValidationError as exc:
-        prefix = ("task",)
-        for key_path, msg in _format_pydantic(exc, task_cls.Options, prefix):
+        for key_path, msg in _format_pydantic(exc, task_cls.Options, where):
             problems.add(key_path, msg)
         return None
     return TaskSpec(name=name, options=validated)
 
 
-def _resolve_runs(spec: Experiment, problems: _Problems, only: list[str] | None) -> list[RunSpec]:
-    """Validate each method entry with its method's schema and resolve its training settings."""
-    from peftlab.methods import METHODS
-
-    if only:
-        unknown = [o for o in only if o not in spec.methods]
-        for name in unknown:
+def _check_only(only: list[str] | None, names: list[str], problems: _Problems) -> None:
+    """Every --only name must select at least one run."""
+    for name in only or []:
+        if name not in names:
             problems.add(
                 ("methods",),
-                f"--only {name}: no such run{did_you_mean(name, spec.methods)}; "
-                f"the runs are: {', '.join(spec.methods)}",
+                f"--only {name}: no such run{did_you_mean(name, names)}; the runs are: {', '.join(names)}",
             )
+
+
+def _resolve_runs(
+    spec: Experiment, problems: _Problems, only: list[str] | None, group: dict[str, str] | None = None
+) -> list[RunSpec]:
+    """Validate each method entry with its method's schema and resolve its training settings.
+
+    In a group of a multi-task experiment the run is named 'model.task.entry' and `only` may name
+    the full run name, a model key, a task key or a method entry.
+    """
+    from peftlab.methods import METHODS
+
+    if group is None:
+        _check_only(only, list(spec.methods), problems)
     runs = []
     for run_name, entry in spec.methods.items():
-        if only and run_name not in only:
+        selectors = {run_name, *(group or {}).values()}
+        full = ".".join(v for v in (*(group or {}).values(), run_name) if v)
+        if only and not (selectors | {full}) & set(only):
             continue
         run = _resolve_run(spec, run_name, dict(entry), problems, METHODS)
         if run is not None:
-            runs.append(run)
+            runs.append(dataclasses.replace(run, name=full, group={**group, "method": run_name}) if group else run)
     return runs
+
+
+def _resolve_parts(
+    spec: Experiment, raw: dict[str, Any], path: Path, problems: _Problems, only: list[str] | None
+) -> list[LoadedExperiment]:
+    """One single-task experiment per (model, task): its spec, task options, runs and group keys."""
+    models = spec.models if spec.models is not None else {"": spec.model}
+    entries = spec.tasks if spec.tasks is not None else [TaskEntry(task=spec.task, data=spec.data)]  # type: ignore[arg-type]
+    named: list[tuple[str, TaskSpec, TaskEntry, TrainSpec]] = []
+    for i, entry in enumerate(entries):
+        where = ("tasks", str(i)) if spec.tasks is not None else ()
+        task = _validate_task(entry.task, (*where, "task"), problems)
+        train = _task_train(spec, entry, (*where, "train"), problems)
+        if task is None or train is None:
+            continue
+        key = "" if spec.tasks is None else (entry.key or task.name)
+        if any(key == other for other, *_ in named):
+            problems.add((*where, "key"), f"task key '{key}' is used twice; give each task entry its own `key:`")
+        named.append((key, task, entry, train))
+    parts, names = [], []
+    for model_key, model in models.items():
+        for task_key, task, entry, train in named:
+            group = {"model": model_key, "task": task_key}
+            view = spec.model_copy(
+                update={
+                    "model": model,
+                    "models": None,
+                    "task": entry.task,
+                    "data": entry.data,
+                    "tasks": None,
+                    "train": train,
+                }
+            )
+            runs = _resolve_runs(view, problems, only, group)
+            names += [".".join(v for v in (model_key, task_key, m) if v) for m in spec.methods]
+            parts.append(LoadedExperiment(path=path, spec=view, task=task, runs=runs, raw=raw, group=group))
+    selectors = [*names, *models, *(key for key, *_ in named), *spec.methods]
+    _check_only(only, [name for name in dict.fromkeys(selectors) if name], problems)
+    return parts
+
+
+def _task_train(spec: Experiment, entry: TaskEntry, where: tuple[str, ...], problems: _Problems) -> TrainSpec | None:
+    """The experiment's training settings with the task entry's overrides."""
+    if not entry.train:
+        return spec.train
+    try:
+        return TrainSpec.model_validate({**spec.train.model_dump(), **entry.train})
+    except ValidationError as exc:
+        for key_path, msg in _format_pydantic(exc, TrainSpec, where):
+            problems.add(key_path, msg)
+        return None
 
 
 def _resolve_run(

@@ -152,11 +152,40 @@ def _release_freed_memory() -> None:
 # --- the Trainer -----------------------------------------------------------------------------
 
 
-def training_arguments(spec: TrainSpec, out_dir: Path, *, has_eval: bool, precision: str, quiet: bool = False) -> Any:
-    """TrainingArguments for one run (eval each epoch, checkpoint each epoch or N steps, keep one)."""
+@dataclass(frozen=True)
+class Monitor:
+    """The validation metric early stopping watches (a key of the task's scores, or 'loss')."""
+
+    metric: str
+    greater_is_better: bool
+
+
+def training_arguments(
+    spec: TrainSpec,
+    out_dir: Path,
+    *,
+    has_eval: bool,
+    precision: str,
+    quiet: bool = False,
+    monitor: Monitor | None = None,
+) -> Any:
+    """TrainingArguments for one run (eval each epoch, checkpoint each epoch or N steps, keep one).
+
+    With a monitor (early stopping), the best epoch's weights are restored at the end of training
+    (`load_best_model_at_end`), so the run is evaluated and saved with them.
+    """
     from transformers import TrainingArguments
 
     per_steps = isinstance(spec.checkpoint_every, int)
+    best = (
+        {
+            "load_best_model_at_end": True,
+            "metric_for_best_model": monitor.metric,
+            "greater_is_better": monitor.greater_is_better,
+        }
+        if monitor is not None and has_eval
+        else {}
+    )
     return TrainingArguments(
         output_dir=str(out_dir),
         num_train_epochs=spec.epochs,
@@ -184,6 +213,7 @@ def training_arguments(spec: TrainSpec, out_dir: Path, *, has_eval: bool, precis
         include_num_input_tokens_seen="non_padding",
         remove_unused_columns=False,
         dataloader_num_workers=0,
+        **best,
     )
 
 
@@ -291,6 +321,9 @@ class TrainResult:
     memory_kind: str
     history: list[dict[str, Any]] = field(default_factory=list)
     resumed_from: str | None = None
+    stopped_early: bool = False
+    best_epoch: float | None = None
+    best_metric: float | None = None
 
 
 def train(
@@ -304,26 +337,42 @@ def train(
     precision: str,
     log: Log = print,
     label: str = "",
+    validation_metrics: Callable[[Any], dict[str, float]] | None = None,
+    monitor: Monitor | None = None,
+    reduce: Callable[[Any, Any], Any] | None = None,
 ) -> TrainResult:
-    """Train (resuming from the run's last checkpoint if there is one) and measure."""
-    from transformers import Trainer
+    """Train (resuming from the run's last checkpoint if there is one) and measure.
+
+    validation_metrics(raw outputs) -> scalar metrics is called after each epoch's evaluation (the
+    task's own metrics, logged to history.jsonl as eval_<name>); `reduce` shrinks each evaluation
+    batch's raw outputs first (as in `predict`). With a monitor, training stops
+    after `spec.early_stopping.patience` epochs without improvement and the best epoch is kept.
+    """
+    from transformers import EarlyStoppingCallback, Trainer
 
     resume = run.latest_checkpoint()
     if resume is not None:
         log(f"[{label}] resuming from {resume.name}")
-    args = training_arguments(spec, run.checkpoints_dir, has_eval=eval_set is not None, precision=precision)
+    has_eval = eval_set is not None
+    args = training_arguments(spec, run.checkpoints_dir, has_eval=has_eval, precision=precision, monitor=monitor)
+    callbacks: list[Any] = [_callback_class()(run.history_file, log, label)]
+    if monitor is not None and has_eval and spec.early_stopping is not None:
+        callbacks.append(EarlyStoppingCallback(spec.early_stopping.patience, spec.early_stopping.min_delta))
     trainer = Trainer(
         model=model,
         args=args,
         train_dataset=train_set,
         eval_dataset=eval_set,
         data_collator=collator,
-        callbacks=[_callback_class()(run.history_file, log, label)],
+        callbacks=callbacks,
+        compute_metrics=(lambda p: validation_metrics(p.predictions)) if validation_metrics and has_eval else None,
+        preprocess_logits_for_metrics=reduce if validation_metrics and has_eval else None,
     )
     _quiet(trainer)
     with PeakMemory() as memory:
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     history = history_rows(trainer.state.log_history)
+    best_epoch = _best_epoch(trainer.state, history) if monitor is not None else None
     write_jsonl(run.history_file, history)
     train_seconds = sum(r.get("epoch_seconds", 0.0) for r in history)
     samples = _samples_seen(trainer.state, spec, len(train_set))
@@ -340,7 +389,18 @@ def train(
         memory_kind=memory.kind,
         history=history,
         resumed_from=resume.name if resume else None,
+        stopped_early=monitor is not None and trainer.state.global_step < trainer.state.max_steps,
+        best_epoch=best_epoch,
+        best_metric=trainer.state.best_metric if monitor is not None else None,
     )
+
+
+def _best_epoch(state: Any, history: list[dict[str, Any]]) -> float | None:
+    """The epoch whose checkpoint the Trainer kept as best (its folder is checkpoint-<step>)."""
+    if not state.best_model_checkpoint:
+        return None
+    step = int(str(state.best_model_checkpoint).rstrip("/").rsplit("-", 1)[-1])
+    return next((row["epoch"] for row in history if row.get("step") == step), None)
 
 
 def _quiet(trainer: Any) -> None:

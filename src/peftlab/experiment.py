@@ -23,7 +23,7 @@ from datasets import Dataset, DatasetDict
 from peftlab import engine
 from peftlab.config import LoadedExperiment, RunSpec
 from peftlab.data.loading import describe_source, load_splits
-from peftlab.errors import EXIT_OK, EXIT_RUN_FAILED, InputError
+from peftlab.errors import EXIT_OK, EXIT_RUN_FAILED, InputError, did_you_mean
 from peftlab.executor import jobs_for, run_in_processes
 from peftlab.methods import METHODS, count_parameters
 from peftlab.models import ModelSource, load_config, load_tokenizer, resolve_model
@@ -53,6 +53,15 @@ class Prepared:
     predict_features: dict[str, Dataset] = field(default_factory=dict)  # per evaluated split
     sources: dict[str, dict[str, str]] = field(default_factory=dict)  # split -> id -> source (data.sources)
 
+    def inputs(self, split: str) -> Dataset:
+        """A split's model inputs (the features without the task's bookkeeping columns)."""
+        return self.task.model_inputs(self.features[split])
+
+    @property
+    def task_name(self) -> str:
+        assert self.exp.task is not None
+        return self.exp.task.name
+
 
 def fingerprint(data: dict[str, Any]) -> str:
     """A short stable hash of settings, to tell whether a finished run used the same ones."""
@@ -63,16 +72,22 @@ def run_config(prep: Prepared, run: RunSpec) -> dict[str, Any]:
     """The resolved settings of one run, as written to <run>/config.yaml."""
     spec = prep.exp.spec
     method = METHODS.get(run.method)(**run.settings)
+    assert spec.model is not None and spec.data is not None
+    train = run.train.model_dump()
+    if train.get("early_stopping") is None:  # absent unless used: earlier runs keep their fingerprints
+        train.pop("early_stopping", None)
     body = {
         "experiment": spec.name,
         "run": run.name,
         "method": run.method,
         "settings": method.resolve(prep.model_type),
         "model": spec.model if isinstance(spec.model, str) else spec.model.model_dump(),
-        "task": {"name": prep.exp.task.name, **prep.task.state()},
+        "task": {"name": prep.task_name, **prep.task.state()},
         "data": spec.data.model_dump(),
-        "train": run.train.model_dump(),
+        "train": train,
     }
+    if run.group:
+        body["group"] = dict(run.group)
     return {**body, "fingerprint": fingerprint(body)}
 
 
@@ -80,17 +95,20 @@ def run_config(prep: Prepared, run: RunSpec) -> dict[str, Any]:
 
 
 def prepare(exp: LoadedExperiment, log: Log = log_line) -> Prepared:
-    """Load and check data, model source and method settings; nothing trains here."""
+    """Load and check data, model source and method settings of one (model, task); nothing trains here."""
     spec = exp.spec
+    assert exp.task is not None and spec.data is not None, "prepare() takes one group: exp.groups()"
     task = TASKS.get(exp.task.name)(**exp.task.options)
+    for run in exp.runs:
+        monitor_for(task, run)  # an early-stopping metric the task does not report fails here
     needed = tuple(dict.fromkeys(["train", "validation", *spec.evaluate.splits]))
-    log(f"data: {describe_source(spec.data)}")
+    log(f"data: {_label(exp)}{describe_source(spec.data)}")
     try:
         splits = load_splits(spec.data, exp.base_dir, needed)
         examples = task.prepare(splits, describe_source(spec.data))
     except InputError as exc:
         raise InputError(f"{exp.path}: {exc}") from None
-    log("data: " + ", ".join(f"{name} {len(ds)}" for name, ds in examples.items()))
+    log(f"data: {_label(exp)}" + ", ".join(f"{name} {len(ds)}" for name, ds in examples.items()))
     source = resolve_model(spec.model, exp.base_dir)
     config, _ = load_config(source)
     for run in exp.runs:  # a method setting the architecture or machine cannot take fails here, not mid-run
@@ -112,6 +130,25 @@ def prepare(exp: LoadedExperiment, log: Log = log_line) -> Prepared:
     return Prepared(
         exp, task, source, config.model_type, tokenizer, examples, features, store, scoring, source_map(splits)
     )
+
+
+def _label(exp: LoadedExperiment) -> str:
+    return f"[{exp.group_name}] " if exp.group_name else ""
+
+
+def monitor_for(task: Task, run: RunSpec) -> engine.Monitor | None:
+    """The validation metric a run's early stopping watches (auto = the task's primary metric)."""
+    stopping = run.train.early_stopping
+    if stopping is None:
+        return None
+    metric = task.primary_metric if stopping.metric == "auto" else stopping.metric
+    known = ["loss", *task.higher_is_better]
+    if metric not in known:
+        raise InputError(
+            f"{run.name}: train.early_stopping.metric: '{metric}' is not a validation metric of this task"
+            f"{did_you_mean(metric, known)}; expected one of: auto, {', '.join(known)}"
+        )
+    return engine.Monitor(metric, metric != "loss" and task.higher_is_better.get(metric, True))
 
 
 def check_existing(prep: Prepared, fresh: bool, log: Log) -> None:
@@ -160,23 +197,29 @@ def run_experiment(
     if workers < 1:
         raise InputError(f"--workers: expected a number >= 1, got {workers}")
     engine.set_threads()
-    prep = prepare(exp, log)
-    check_existing(prep, fresh, log)
-    prep.store.path.mkdir(parents=True, exist_ok=True)
-    write_yaml(prep.store.path / "experiment.yaml", _resolved_experiment(prep))
-    write_json(prep.store.path / "data.json", data_summary(prep.examples, prep.sources))
+    preps = [prepare(group, log) for group in exp.groups()]
+    for prep in preps:
+        check_existing(prep, fresh, log)
+    store = ExperimentDir(exp.runs_dir)
+    store.path.mkdir(parents=True, exist_ok=True)
+    write_yaml(store.path / "experiment.yaml", _resolved_experiment(exp, preps))
+    write_json(store.path / "data.json", _data_summaries(exp, preps))
     if exp.spec.evaluate.baselines:
-        compute_baselines(prep, log)
-    todo = [run for run in exp.runs if not is_done(prep, run, log)]
+        for prep in preps:
+            compute_baselines(prep, log)
+    todo = [(prep, run) for prep in preps for run in prep.exp.runs if not is_done(prep, run, log)]
     if executor == "inline":
-        failed = [run.name for run in todo if not execute_run(prep, run, log)]
+        failed = [run.name for prep, run in todo if not execute_run(prep, run, log)]
     else:
-        jobs = jobs_for(exp.path, exp.overrides, todo, [prep.store.run(r.name) for r in todo], workers)
+        runs = [run for _, run in todo]
+        jobs = jobs_for(exp.path, exp.overrides, runs, [store.run(r.name) for r in runs], workers)
         failed = run_in_processes(jobs, workers, log)
-    from peftlab.report import build_report
+    from peftlab.report import build_report, terminal_summary
 
-    paths = build_report(prep.store.path)
-    log(f"report: {paths['html']}")
+    paths = build_report(store.path)
+    for line in terminal_summary(store.path).splitlines():
+        log(line)
+    log(f"report: {paths['html']} (also report.md, results.csv)")
     if failed:
         log(f"{len(failed)} run(s) failed: {', '.join(failed)} (errors in their status.json)")
         return EXIT_RUN_FAILED
@@ -211,10 +254,30 @@ def data_summary(examples: DatasetDict, sources: dict[str, dict[str, str]] | Non
     return out
 
 
-def _resolved_experiment(prep: Prepared) -> dict[str, Any]:
-    data = prep.exp.spec.model_dump(mode="json")
-    data["task"] = {"name": prep.exp.task.name, **prep.task.state()}
+def _data_summaries(exp: LoadedExperiment, preps: list[Prepared]) -> dict[str, Any]:
+    """data.json: examples per split; in a multi-task experiment, per task key."""
+    if not exp.parts:
+        return data_summary(preps[0].examples, preps[0].sources)
+    return {prep.exp.group["task"] or "data": data_summary(prep.examples, prep.sources) for prep in preps}
+
+
+def _resolved_experiment(exp: LoadedExperiment, preps: list[Prepared]) -> dict[str, Any]:
+    """The experiment as run, with each task's fitted state (e.g. its labels)."""
+    data = exp.spec.model_dump(mode="json")
+    for key in ("model", "models", "task", "data", "tasks"):  # the form not used is left out
+        if data.get(key) is None:
+            data.pop(key, None)
+    states = {prep.exp.group.get("task", ""): {"name": prep.task_name, **prep.task.state()} for prep in preps}
+    if "tasks" in data:
+        for entry in data["tasks"]:
+            entry["task"] = states.get(entry.get("key") or _task_name(entry["task"]), entry["task"])
+    elif preps:
+        data["task"] = next(iter(states.values()))
     return data
+
+
+def _task_name(value: Any) -> str:
+    return value if isinstance(value, str) else str(value.get("name"))
 
 
 def execute_run(prep: Prepared, run: RunSpec, log: Log) -> bool:
@@ -264,14 +327,17 @@ def train_and_evaluate(prep: Prepared, run: RunSpec, folder: RunDir, log: Log) -
     collator = prep.task.collator(prep.tokenizer)
     result = engine.train(
         model,
-        prep.features["train"],
-        prep.features.get("validation"),
+        prep.inputs("train"),
+        prep.inputs("validation") if "validation" in prep.features else None,
         collator,
         run.train,
         folder,
         precision=precision,
         log=log,
         label=run.name,
+        validation_metrics=validation_metrics(prep),
+        monitor=monitor_for(prep.task, run),
+        reduce=prep.task.reduce_outputs,
     )
     evaluation = evaluate_splits(prep, model, run, folder, precision, log)
     method.save(model, folder.adapter_dir)
@@ -281,6 +347,7 @@ def train_and_evaluate(prep: Prepared, run: RunSpec, folder: RunDir, log: Log) -
         "run": run.name,
         "method": run.method,
         "settings": method.resolve(prep.model_type),
+        "task": task_summary(prep.task, prep.task_name),
         "params": {"trainable": trainable, "total": total, "trainable_pct": 100 * trainable / total},
         "train": {
             "train_seconds": result.train_seconds,
@@ -293,6 +360,8 @@ def train_and_evaluate(prep: Prepared, run: RunSpec, folder: RunDir, log: Log) -
             "tokens_seen": result.tokens_seen,
             "train_examples": len(prep.features["train"]),
             "resumed_from": result.resumed_from,
+            "max_epochs": run.train.epochs,
+            **early_stopping_summary(prep, run, result),
         },
         "memory": {"peak_mib": result.peak_memory_mib, "kind": result.memory_kind},
         "eval": evaluation,
@@ -309,6 +378,47 @@ def train_and_evaluate(prep: Prepared, run: RunSpec, folder: RunDir, log: Log) -
     )
     log(f"[{run.name}] done in {result.train_seconds:.0f}s training: {summary}")
     return metrics
+
+
+def task_summary(task: Task, name: str) -> dict[str, Any]:
+    """What the report needs to know of the task: its name and which metrics lead its tables."""
+    return {
+        "name": name,
+        "primary_metric": task.primary_metric,
+        "headline_metrics": list(task.headline_metrics or (task.primary_metric,)),
+    }
+
+
+def validation_metrics(prep: Prepared) -> Any:
+    """The task's scalar metrics on the validation split from raw model outputs (for each epoch)."""
+    examples, features = prep.examples.get("validation"), prep.features.get("validation")
+    if examples is None or features is None or not prep.task.scores_training_rows:
+        return None
+
+    def compute(outputs: Any) -> dict[str, float]:
+        scores = prep.task.score(prep.task.predict(outputs, examples, features))
+        return {
+            k: float(v) for k, v in scores.items() if isinstance(v, int | float) and k in prep.task.higher_is_better
+        }
+
+    return compute
+
+
+def early_stopping_summary(prep: Prepared, run: RunSpec, result: engine.TrainResult) -> dict[str, Any]:
+    """What metrics.json records about early stopping (nothing when the run did not use it)."""
+    monitor = monitor_for(prep.task, run)
+    if monitor is None or run.train.early_stopping is None:
+        return {}
+    return {
+        "early_stopping": {
+            "metric": monitor.metric,
+            "patience": run.train.early_stopping.patience,
+            "stopped_early": result.stopped_early,
+            "stopped_at_epoch": result.epochs_run,
+            "best_epoch": result.best_epoch,
+            "best_value": result.best_metric,
+        }
+    }
 
 
 def evaluate_splits(
@@ -330,8 +440,9 @@ def predict_and_score(
     """Predict one split, write the predictions to `path`, score them (per source too); seconds predicting."""
     features = prep.predict_features[split]
     collator = prep.task.collator(prep.tokenizer)
+    inputs = prep.task.model_inputs(features)
     outputs, seconds = engine.predict(
-        model, features, collator, train, precision=precision, reduce=prep.task.reduce_outputs
+        model, inputs, collator, train, precision=precision, reduce=prep.task.reduce_outputs
     )
     predictions = prep.task.predict(outputs, prep.examples[split], features)
     metrics = score_with_sources(prep.task.score, predictions, prep.sources.get(split))
@@ -354,7 +465,7 @@ def compute_baselines(prep: Prepared, log: Log) -> None:
             "seed": spec.train.seed,
         }
     )
-    target = prep.store.baselines_file
+    target = prep.store.baselines_for(prep.exp.group_name)
     from peftlab.store import read_json
 
     if (read_json(target) or {}).get("fingerprint") == key:
@@ -378,4 +489,12 @@ def compute_baselines(prep: Prepared, log: Log) -> None:
         path = target.parent / "predictions" / f"untrained-{split}.jsonl"
         untrained[split], _ = predict_and_score(prep, model, split, train_spec, precision, path)
     results["untrained model"] = untrained
-    write_json(target, {"fingerprint": key, "primary_metric": prep.task.primary_metric, "baselines": results})
+    write_json(
+        target,
+        {
+            "fingerprint": key,
+            "primary_metric": prep.task.primary_metric,
+            "headline_metrics": task_summary(prep.task, prep.task_name)["headline_metrics"],
+            "baselines": results,
+        },
+    )

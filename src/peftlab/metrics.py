@@ -51,3 +51,10 @@ def classification_metrics(y_true: Sequence[str], y_pred: Sequence[str], labels:
         "true_share": {label: float(actual[i] / total) for i, label in enumerate(labels)},
         "n": int(matrix.sum()),
     }
+
+
+def softmax_rows(outputs: Any) -> np.ndarray:
+    """Row-wise softmax of a model's logits (the first element when the outputs are a tuple)."""
+    logits = np.asarray(outputs[0] if isinstance(outputs, tuple) else outputs, dtype=np.float64)
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return probs / probs.sum(axis=1, keepdims=True)

@@ -236,9 +236,7 @@ def load_tokenizer(source: ModelSource) -> Any:
     ref = source.tokenizer or (source.path if source.kind != "random" else None)
     try:
         if ref is None:
-            tok = BertTokenizerFast(
-                vocab=str(TINY_VOCAB), do_lower_case=True
-            )  # transformers 5: `vocab`, not `vocab_file`
+            tok = BertTokenizerFast(vocab=str(TINY_VOCAB), do_lower_case=True)  # transformers 5 ignores vocab_file=
         else:
             ref = resolve_model(ref).path if ref.startswith("asset:") else ref
             with _quiet_transformers():

@@ -48,7 +48,20 @@ class PlanRow:
 
 
 def plan_experiment(exp: LoadedExperiment, log: Any = print) -> list[PlanRow]:
-    """Count parameters and estimate memory for each run of the experiment."""
+    """Count parameters and estimate memory for each run of the experiment (each model and task)."""
+    said: set[str] = set()
+
+    def once(message: str) -> None:  # the groups of a multi-task experiment share their notes
+        if message not in said:
+            said.add(message)
+            log(message)
+
+    return [row for group in exp.groups() for row in _plan_group(group, once)]
+
+
+def _plan_group(exp: LoadedExperiment, log: Any) -> list[PlanRow]:
+    """The runs of one (model, task)."""
+    assert exp.task is not None and exp.spec.data is not None
     task = TASKS.get(exp.task.name)(**exp.task.options)
     _fit_task(exp, task, log)
     source = resolve_model(exp.spec.model, exp.base_dir)
@@ -80,11 +93,14 @@ def plan_experiment(exp: LoadedExperiment, log: Any = print) -> list[PlanRow]:
 
 def _fit_task(exp: LoadedExperiment, task: Task, log: Any) -> None:
     """Fit the task's state (e.g. labels, which size the head) from the data when it can be read."""
+    if not task.needs_data_to_build():
+        return
     try:
         splits = load_splits(exp.spec.data, exp.base_dir, needed=("train",))
     except InputError as exc:
         note = task.assume_without_data()
-        log(f"note: data not readable ({str(exc).splitlines()[0][:160]}); {note}")
+        group = f"[{exp.group_name}] " if exp.group_name else ""
+        log(f"note: {group}data not readable ({str(exc).splitlines()[0][:160]}); {note}")
         return
     task.prepare(splits, describe_source(exp.spec.data))
 

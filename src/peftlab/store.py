@@ -151,3 +151,7 @@ class ExperimentDir:
     @property
     def baselines_file(self) -> Path:
         return self.path / self.BASELINES / "metrics.json"
+
+    def baselines_for(self, group: str) -> Path:
+        """Baselines of one (model, task) group of a multi-task experiment ('' = the experiment's own)."""
+        return self.path / self.BASELINES / group / "metrics.json" if group else self.baselines_file

@@ -45,7 +45,12 @@ class TrainedRun:
         features = self.task.predict_features(examples, self.tokenizer, self.max_length)
         collator = self.task.collator(self.tokenizer)
         outputs, _ = engine.predict(
-            self.model, features, collator, self.train, precision=self.precision, reduce=self.task.reduce_outputs
+            self.model,
+            self.task.model_inputs(features),
+            collator,
+            self.train,
+            precision=self.precision,
+            reduce=self.task.reduce_outputs,
         )
         return self.task.predict(outputs, examples, features)
 

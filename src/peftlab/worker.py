@@ -40,11 +40,11 @@ def main(argv: list[str]) -> int:
     job = WorkerJob(**json.loads(argv[0]))
     try:
         exp = load_experiment(job.experiment, job.overrides, only=[job.run])
-        prep = prepare(exp, log=lambda message: None)
+        prep = prepare(exp.groups()[0], log=lambda message: None)  # the one (model, task) group of the run
     except InputError as exc:
         print(f"peftlab worker: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    return EXIT_OK if execute_run(prep, exp.runs[0], log_line) else EXIT_RUN_FAILED
+    return EXIT_OK if execute_run(prep, prep.exp.runs[0], log_line) else EXIT_RUN_FAILED
 
 
 if __name__ == "__main__":

@@ -89,6 +89,22 @@ def test_scores_are_the_hand_computed_log_likelihoods(llama, verbalizers: dict, 
         assert sum(pred["probs"].values()) == pytest.approx(1, abs=1e-4)
 
 
+def test_training_rows_score_like_prompt_rows_with_one_token_verbalizers(llama) -> None:
+    """The per-epoch validation metrics score featurize's rows (prompt + gold answer): same log-likelihoods."""
+    model, tokenizer = llama
+    task = make_task(verbalizers=ONE_TOKEN)
+    expected = scored(task, model, tokenizer)
+    features = task.featurize(examples(), tokenizer, 48)
+    spec = TrainSpec(eval_batch_size=3, precision="fp32", lr=1e-3)
+    outputs, _ = engine.predict(
+        model, features, task.collator(tokenizer), spec, precision="fp32", reduce=task.reduce_outputs
+    )
+    again = task.predict(outputs, examples(), features)
+    for a, b in zip(again, expected, strict=True):
+        assert a["loglik"] == pytest.approx(b["loglik"], abs=2e-4)
+    assert task.scores_training_rows and not make_task(verbalizers=MULTI_TOKEN).scores_training_rows
+
+
 def test_one_token_verbalizers_score_one_row_per_example(llama) -> None:
     _, tokenizer = llama
     one = make_task(verbalizers=ONE_TOKEN).predict_features(examples(), tokenizer, 48)

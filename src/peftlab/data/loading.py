@@ -1,7 +1,7 @@
 """Load an experiment's data into train/validation/test `datasets.Dataset`s of raw rows.
 
 Sources: `asset:NAME` (normalised JSONL in the asset cache), a local file or folder (json, jsonl,
-csv; a folder holds train/validation/test files), explicit `files:` per split, or a hub dataset id
+csv, CoNLL columns; a folder holds train/validation/test files), explicit `files:` per split, or a hub dataset id
 (`datasets.load_dataset`). A source without a validation split gets one carved (seeded) from
 train. Limits keep the first N rows of a seeded shuffle, so a limit is a random sample that is
 the same on every machine. Tasks then map the raw rows to their canonical fields.
@@ -22,7 +22,7 @@ from peftlab.config import SPLITS, DataSpec, SourceSpec
 from peftlab.errors import InputError
 from peftlab.store import read_jsonl
 
-FILE_TYPES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv"}
+FILE_TYPES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".conll": "conll"}
 
 
 def load_splits(spec: DataSpec, base_dir: Path | None = None, needed: tuple[str, ...] = SPLITS) -> DatasetDict:
@@ -175,7 +175,9 @@ def _load_source(spec: DataSpec | SourceSpec, base_dir: Path) -> tuple[dict[str,
         if local.is_dir():
             found = {s: p for s in (*SPLITS, "dev") for p in _split_files(local, s)}
             if not found:
-                raise InputError(f"{local}: no train/validation/test .jsonl, .json or .csv files in this folder")
+                raise InputError(
+                    f"{local}: no train/validation/test .jsonl, .json, .csv or .conll files in this folder"
+                )
             return {split: _read_file(path) for split, path in found.items()}, str(local)
         return {"train": _read_file(local)}, str(local)
     return _load_hub(spec), f"hub dataset {describe_source(spec)}"
@@ -195,16 +197,23 @@ def _local(path: str, base_dir: Path, key: str | None) -> Path | None:
 
 
 def _split_files(folder: Path, split: str) -> list[Path]:
-    return [p for ext in (".jsonl", ".json", ".csv") if (p := folder / f"{split}{ext}").exists()][:1]
+    return [p for ext in (".jsonl", ".json", ".csv", ".conll") if (p := folder / f"{split}{ext}").exists()][:1]
 
 
 def _read_file(path: Path) -> Dataset:
     """A json/jsonl/csv file as a Dataset (via datasets' own readers)."""
     kind = FILE_TYPES.get(path.suffix.lower())
     if kind is None:
-        raise InputError(f"{path}: unsupported file type '{path.suffix}'; expected .json, .jsonl, .csv or .tsv")
+        raise InputError(f"{path}: unsupported file type '{path.suffix}'; expected .json, .jsonl, .csv, .tsv or .conll")
     if path.suffix.lower() == ".jsonl":
         return Dataset.from_list(read_jsonl(path))
+    if kind == "conll":
+        from peftlab.data.conll import parse_conll
+
+        rows = parse_conll(path.read_text(encoding="utf-8"), str(path), prefix=path.stem)
+        if not rows:
+            raise InputError(f"{path}: no sentences (expected token<TAB>tag lines, a blank line between sentences)")
+        return Dataset.from_list(rows)
     try:
         from datasets import load_dataset
 

@@ -17,7 +17,7 @@ from peftlab.report import plots
 from peftlab.report.render import Block, Figure, Figures, Heading, Paragraph, Table, to_html, to_markdown
 from peftlab.store import DONE, ExperimentDir, RunDir, read_json, write_atomic
 
-SKIP_METRICS = {"n", "eval_seconds"}
+SKIP_METRICS = {"n", "eval_seconds", "n_truncated"}  # counts, shown in their own block
 
 
 def build_report(path: Path | str) -> dict[str, Path]:
@@ -28,15 +28,20 @@ def build_report(path: Path | str) -> dict[str, Path]:
             f"{path}: not an experiment folder (no experiment.yaml); "
             "expected runs/<experiment>/ as written by `peftlab run`"
         )
+    from peftlab.report import multitask
+
+    experiment = exp_dir.experiment()
+    if multitask.is_multitask(experiment):  # several models or tasks: the study's multi-task layout
+        return multitask.build_multitask_report(exp_dir, experiment)
     runs = exp_dir.runs()
     baselines = read_json(exp_dir.baselines_file, {}) or {}
-    experiment = exp_dir.experiment()
     splits = list((experiment.get("evaluate") or {}).get("splits") or ["validation", "test"])
     columns = metric_columns(runs, baselines, splits)
     rows = result_rows(runs, baselines, columns)
     title = f"peftlab report: {experiment.get('name', exp_dir.path.name)}"
     blocks = summary_blocks(exp_dir, experiment, runs)
     blocks += results_blocks(rows, columns, baselines.get("primary_metric"), splits)
+    blocks += multitask.early_stopping_blocks(runs) + multitask.truncation_blocks(runs)
     blocks += settings_blocks(runs)
     blocks += figure_blocks(exp_dir, runs, baselines, splits)
     blocks += share_blocks(exp_dir, evaluated(runs, baselines, splits[-1]), splits[-1])
@@ -50,6 +55,37 @@ def build_report(path: Path | str) -> dict[str, Path]:
     write_atomic(out["html"], to_html(title, blocks, exp_dir.path))
     write_atomic(out["csv"], results_csv(rows, columns))
     return out
+
+
+def terminal_summary(path: Path | str) -> str:
+    """A compact results table for the terminal: run, method, trainable %, train time, primary metric."""
+    exp_dir = ExperimentDir(Path(path))
+    from peftlab.report import multitask
+
+    if multitask.is_multitask(exp_dir.experiment()):
+        return multitask.multitask_terminal_summary(exp_dir, exp_dir.experiment())
+    baselines = read_json(exp_dir.baselines_file, {}) or {}
+    splits = list((exp_dir.experiment().get("evaluate") or {}).get("splits") or ["validation", "test"])
+    runs = exp_dir.runs()
+    primary = baselines.get("primary_metric") or next(iter(metric_columns(runs, baselines, splits)), ("", ""))[1]
+    columns = [(split, primary) for split in splits]
+    header = ["run", "method", "trainable %", "train time"] + [f"{s} {m}" for s, m in columns]
+    body = [
+        [
+            row["run"] + ("" if row["status"] == DONE else f" ({row['status']})"),
+            row["method"],
+            fmt_num(row.get("trainable_pct"), 3),
+            fmt_seconds(row.get("train_seconds")),
+        ]
+        + [fmt_metric(row.get(f"{s}_{m}")) for s, m in columns]
+        for row in result_rows(runs, baselines, columns)
+    ]
+    widths = [max(len(str(cell)) for cell in col) for col in zip(header, *body, strict=True)]
+    lines = [
+        "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+        for r in [header, *body]
+    ]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
 
 
 # --- collecting ------------------------------------------------------------------------------
@@ -156,6 +192,13 @@ def summary_blocks(exp_dir: ExperimentDir, experiment: dict[str, Any], runs: lis
     sizes = read_json(exp_dir.path / "data.json")
     if sizes:
         lines.append("Examples per split: " + ", ".join(f"{k} {v['n']:,}" for k, v in sizes.items()) + ".")
+    lines += summary_hardware(exp_dir, runs)
+    return [Paragraph(line) for line in lines]
+
+
+def summary_hardware(exp_dir: ExperimentDir, runs: list[RunDir]) -> list[str]:
+    """The hardware and library versions of the first finished run, and when the report was made."""
+    lines = []
     first = next((r.metrics() for r in runs if r.metrics()), {})
     hw = first.get("hardware")
     if hw:
@@ -166,7 +209,7 @@ def summary_blocks(exp_dir: ExperimentDir, experiment: dict[str, Any], runs: lis
             + "."
         )
     lines.append(f"Generated {time.strftime('%Y-%m-%d %H:%M')}; {len(runs)} run(s) found in `{exp_dir.path}`.")
-    return [Paragraph(line) for line in lines]
+    return lines
 
 
 def results_blocks(

@@ -30,10 +30,16 @@ class Task:
     """Base class of the registered tasks (see tasks/classification.py)."""
 
     Options: ClassVar[type[TaskOptions]] = TaskOptions
-    peft_task_type: ClassVar[str]
+    peft_task_type: ClassVar[str | None]  # None: PEFT has no task type for it (a plain PeftModel)
     primary_metric: ClassVar[str]
-    # metric name -> True when higher is better (used for sweeps, early stopping, report colouring)
+    # metric name -> True when higher is better (used for sweeps, early stopping, report colouring);
+    # these are also the scalar metrics logged on the validation split after each epoch
     higher_is_better: ClassVar[dict[str, bool]] = {}
+    # the metrics a multi-task summary table shows for this task (default: the primary metric)
+    headline_metrics: ClassVar[tuple[str, ...]] = ()
+    # columns of `featurize` output that are bookkeeping for `predict` (e.g. which example a window
+    # belongs to, character offsets), not model inputs: `model_inputs` drops them for the Trainer
+    bookkeeping_columns: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, **options: Any) -> None:
         self.options = self.Options.model_validate(options)
@@ -53,6 +59,10 @@ class Task:
         labelled=False (predict) accepts rows without a reference answer or label.
         """
         raise NotImplementedError
+
+    def needs_data_to_build(self) -> bool:
+        """Whether the model's size depends on the data (e.g. the label count); `plan` reads it only then."""
+        return True
 
     def assume_without_data(self) -> str:
         """For `plan` when the data cannot be read: assume what sizes the head; say what was assumed."""
@@ -77,7 +87,7 @@ class Task:
         ]
 
     def featurize(self, examples: Dataset, tokenizer: Any, max_length: int) -> Dataset:
-        """Model inputs (and labels) only: the Trainer receives exactly these columns."""
+        """Model inputs (and labels), plus the task's `bookkeeping_columns` for `predict`."""
         raise NotImplementedError
 
     def predict_features(self, examples: Dataset, tokenizer: Any, max_length: int) -> Dataset:
@@ -89,6 +99,17 @@ class Task:
     # logits are vocabulary-sized per position; a task that needs a few numbers of them reduces them
     # here instead of letting every batch's logits pile up (the Trainer's preprocess_logits_for_metrics).
     reduce_outputs: Callable[[Any, Any], Any] | None = None
+
+    @property
+    def scores_training_rows(self) -> bool:
+        """Whether `predict` can score `featurize`'s validation rows (the per-epoch validation metrics).
+        False for a task whose prediction needs its own rows (e.g. one per candidate answer)."""
+        return True
+
+    def model_inputs(self, features: Dataset) -> Dataset:
+        """The featurized rows without bookkeeping columns: exactly what the Trainer receives."""
+        drop = [c for c in self.bookkeeping_columns if c in features.column_names]
+        return features.remove_columns(drop) if drop else features
 
     def collator(self, tokenizer: Any) -> Callable:
         from transformers import DataCollatorWithPadding

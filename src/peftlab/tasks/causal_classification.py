@@ -210,9 +210,15 @@ class CausalClassification(Classification):
         enc = self._encoded
         assert enc is not None, "featurize/predict_features run before prediction"
         if enc.single_token:
-            logprobs = torch.log_softmax(logits[:, -1, :].float(), dim=-1)
+            rows = torch.arange(logits.shape[0], device=logits.device)
+            logprobs = torch.log_softmax(logits[rows, answer_position(logits, labels)].float(), dim=-1)
             return logprobs[:, enc.first_tokens.to(logprobs.device)]
         return answer_logprob(logits, labels, mean=self.options.score == "mean")
+
+    @property
+    def scores_training_rows(self) -> bool:  # type: ignore[override]
+        """One-token verbalizers: the training rows score every label (the position before the answer)."""
+        return self.options.head == "linear" or (self._encoded is not None and self._encoded.single_token)
 
     def predict(self, outputs: Any, examples: Dataset, features: Dataset) -> list[Prediction]:
         if self.options.head == "linear":
@@ -226,6 +232,17 @@ class CausalClassification(Classification):
 
 def _pair(batch: dict[str, list], i: int) -> str | None:
     return batch["text_pair"][i] if "text_pair" in batch else None
+
+
+def answer_position(logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """Per row, the position (in `logits`) whose next-token distribution is the answer's first token:
+    the one before the first label token, or the last position of a prompt-only row."""
+    last = torch.full((logits.shape[0],), logits.shape[1] - 1, device=logits.device)
+    if labels is None:
+        return last
+    answered = labels[:, -logits.shape[1] :].to(logits.device) != IGNORE
+    first = answered.int().argmax(dim=1) - 1
+    return torch.where(answered.any(dim=1), first, last)
 
 
 def answer_logprob(logits: torch.Tensor, labels: torch.Tensor, *, mean: bool = False) -> torch.Tensor:

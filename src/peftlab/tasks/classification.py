@@ -11,13 +11,12 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-import numpy as np
 from datasets import Dataset, DatasetDict
 from pydantic import Field
 from torch import nn
 
 from peftlab.errors import InputError
-from peftlab.metrics import classification_metrics
+from peftlab.metrics import classification_metrics, softmax_rows
 from peftlab.models import ModelSource, instantiate
 from peftlab.registry import TASKS
 from peftlab.tasks.base import Prediction, Task, TaskOptions
@@ -139,9 +138,7 @@ class Classification(Task):
 
     # --- outputs ------------------------------------------------------------------------------
     def predict(self, outputs: Any, examples: Dataset, features: Dataset) -> list[Prediction]:
-        logits = np.asarray(outputs[0] if isinstance(outputs, tuple) else outputs, dtype=np.float64)
-        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-        probs /= probs.sum(axis=1, keepdims=True)
+        probs = softmax_rows(outputs)
         return [
             {
                 "id": ex["id"],
