@@ -196,6 +196,8 @@ def test_plan_on_the_paper_config_gives_the_study_counts() -> None:
     assert rows["distilbert.swag.lora"].trainable == 147_456 + 768 * 768 + 768 + 768 + 1  # + pre_classifier
     assert rows["bert.wnut17.full"].trainable == 108_891_648 + ner_head  # BERT-base 110M (the study: 110M)
     assert rows["bert.wnut17.lora"].lr == 5e-5
+    assert rows["distilbert.squad.lora"].trainable == 147_456 + 768 * 2 + 2  # the span head
+    assert rows["bert.squad.lora"].trainable == 294_912 + 768 * 2 + 2
 
 
 def test_offline_config_validates() -> None:

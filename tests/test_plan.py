@@ -69,3 +69,30 @@ def test_task_default_max_length(tmp_path: Path) -> None:
     assert qa.spec.data.max_length == 256
     cls = load_experiment(write_experiment(tmp_path, tiny_experiment(tmp_path, data={"source": "x.jsonl"})))
     assert cls.spec.data.max_length == 128
+
+
+def test_plan_llama32_1b_ia3_and_qlora_as_in_the_study(tmp_path: Path) -> None:
+    """The (IA)3-vs-QLoRA study's two runs on Llama 3.2 1B: exact counts, 4-bit weights in the estimate."""
+    model = {"arch": "llama", "random_init": True, "base": "meta-llama/Llama-3.2-1B"}
+    task = {"name": "causal_classification"}  # labels from the data: negative, neutral, positive
+    linear = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    methods = {
+        "ia3": {"target_modules": [m for m in linear if m != "v_proj"], "feedforward_modules": ["down_proj"]},
+        "qlora": {"method": "lora", "quantize": "nf4", "r": 16, "target_modules": linear},
+        "lora": {"r": 16, "target_modules": linear},
+    }
+    rows = {r.run: r for r in plan(tmp_path, model=model, task=task, methods=methods)}
+    base = 1_235_814_400  # Llama 3.2 1B, tied embeddings: the LM head adds nothing
+    # (IA)3 per layer: q 2048 + k 512 + o 2048 + gate 8192 + up 8192 outputs, down's 8192 inputs; 16 layers
+    assert rows["ia3"].trainable == 16 * (2048 + 512 + 2048 + 8192 + 8192 + 8192) == 466_944
+    assert rows["ia3"].total == base + 466_944
+    # LoRA r=16 per layer: 16 x (in + out) for q, k, v, o, gate, up, down
+    lora = 16 * 16 * ((2048 + 2048) + 2 * (2048 + 512) + (2048 + 2048) + 3 * (2048 + 8192))
+    assert rows["qlora"].trainable == rows["lora"].trainable == lora == 11_272_192
+    assert rows["qlora"].total == rows["lora"].total == base + lora
+    # 4-bit: the 16 layers' linear weights at ~0.516 bytes, the embeddings (262.7M) and norms at 4 bytes
+    quantized = 16 * (2 * 2048 * 2048 + 2 * 2048 * 512 + 3 * 2048 * 8192)
+    frozen = quantized * (0.5 + 1 / 64 + 4 / (64 * 256)) + (base - quantized) * 4
+    assert rows["qlora"].memory_mib["weights"] == round((frozen + lora * 4) / 2**20, 1)
+    assert rows["qlora"].memory_mib["weights"] < rows["lora"].memory_mib["weights"] / 3
+    assert rows["qlora"].memory_mib["activations"] < rows["lora"].memory_mib["activations"]  # checkpointing

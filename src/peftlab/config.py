@@ -40,10 +40,51 @@ class RandomModelSpec(Strict):
     tokenizer: str | None = Field(None, description="tokenizer source; default: peftlab's tiny built-in vocabulary")
 
 
+class SourceSpec(Strict):
+    """One of several datasets merged into one (`data.sources`), with its own fields and labels."""
+
+    source: str = Field(description="asset:NAME, a hub dataset id, a local file or folder")
+    name: str | None = Field(None, description="the name its examples are reported under; default from `source`")
+    config_name: str | None = Field(None, description="hub dataset configuration")
+    files: dict[Literal["train", "validation", "test"], str] = Field(
+        default_factory=dict, description="local files per split (json, jsonl, csv)"
+    )
+    splits: dict[Literal["train", "validation", "test"], str] = Field(
+        default_factory=dict, description="peftlab split -> this source's split name"
+    )
+    fields: dict[str, str] = Field(
+        default_factory=dict, description="this source's field -> the field the task reads, e.g. {review: text}"
+    )
+    label_field: str = Field("label", description="the field (after `fields`) that label_map applies to")
+    label_map: dict[str, str | None] | None = Field(
+        None, description="this source's label -> the common label (null drops those examples); default: as is"
+    )
+    limits: dict[Literal["train", "validation", "test"], PositiveInt] = Field(
+        default_factory=dict, description="use at most this many of this source's examples per split"
+    )
+
+    @field_validator("label_map", mode="before")
+    @classmethod
+    def _string_keys(cls, value: Any) -> Any:
+        """YAML reads `0: negative` with an integer key; labels are compared as text."""
+        return {str(k): v for k, v in value.items()} if isinstance(value, dict) else value
+
+    @property
+    def display_name(self) -> str:
+        if self.name:
+            return self.name
+        ref = self.source.split(":", 1)[1] if self.source.startswith("asset:") else self.source
+        ref = Path(ref).stem if Path(ref).suffix else ref.rstrip("/").split("/")[-1]
+        return ref + (f"-{self.config_name}" if self.config_name else "")
+
+
 class DataSpec(Strict):
     """Where the examples come from and how much of each split is used."""
 
-    source: str = Field(description="asset:NAME, a hub dataset id, a local file or folder")
+    source: str | None = Field(None, description="asset:NAME, a hub dataset id, a local file or folder")
+    sources: list[SourceSpec] | None = Field(
+        None, min_length=1, description="several datasets merged into one label set (instead of `source`)"
+    )
     config_name: str | None = Field(None, description="hub dataset configuration")
     files: dict[Literal["train", "validation", "test"], str] = Field(
         default_factory=dict, description="local files per split (json, jsonl, csv)"
@@ -61,6 +102,19 @@ class DataSpec(Strict):
         None, description="tokens per sequence (longer inputs are truncated or windowed); default: the task's"
     )
     seed: int = Field(0, description="seed for derived splits")
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> DataSpec:
+        if self.sources is not None:
+            if self.source or self.files or self.config_name:
+                raise ValueError("give either `sources` or `source` (with `files`/`config_name`), not both")
+            names = [s.display_name for s in self.sources]
+            repeated = sorted({n for n in names if names.count(n) > 1})
+            if repeated:
+                raise ValueError(f"sources named alike: {', '.join(repeated)}; give each a distinct `name`")
+        elif not self.source and not self.files:
+            raise ValueError("no data: set `source` (or `files`, or `sources`)")
+        return self
 
 
 class EarlyStoppingSpec(Strict):
@@ -422,14 +476,28 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         node = data
         parts = key.strip().split(".")
         for part in parts[:-1]:
-            child = node.get(part) if isinstance(node, dict) else None
+            if isinstance(node, list):  # a list item by its index: data.sources.0.limits.train=100
+                node = _list_item(node, part, item)
+                continue
+            child = node.get(part)
             if child is None:
                 child = node[part] = {}
-            if not isinstance(child, dict):
+            if not isinstance(child, dict | list):
                 raise InputError(f"--set {item!r}: '{part}' is not a section")
             node = child
-        node[parts[-1]] = parse_yaml(value, f"--set {key}") if value.strip() else None
+        parsed = parse_yaml(value, f"--set {key}") if value.strip() else None
+        if isinstance(node, list):
+            _list_item(node, parts[-1], item)  # checks the index
+            node[int(parts[-1])] = parsed
+        else:
+            node[parts[-1]] = parsed
     return data
+
+
+def _list_item(items: list[Any], part: str, item: str) -> Any:
+    if not part.isdigit() or int(part) >= len(items):
+        raise InputError(f"--set {item!r}: '{part}' is not an index of a list of {len(items)} items")
+    return items[int(part)]
 
 
 # ---------------------------------------------------------------------------------------------

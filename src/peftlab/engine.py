@@ -115,6 +115,7 @@ class PeakMemory:
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         else:
+            _release_freed_memory()
             try:
                 Path("/proc/self/clear_refs").write_text("5")
             except OSError:
@@ -135,6 +136,17 @@ class PeakMemory:
 
         scale = 1 if sys.platform == "darwin" else 1024
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale / 1024
+
+
+def _release_freed_memory() -> None:
+    """Hand memory that was freed before the block (e.g. fp32 copies while loading a 4-bit model) back
+    to the OS, so that the peak resident memory measured from here on is the block's own (glibc only)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 # --- the Trainer -----------------------------------------------------------------------------
@@ -327,11 +339,13 @@ def train(
     label: str = "",
     validation_metrics: Callable[[Any], dict[str, float]] | None = None,
     monitor: Monitor | None = None,
+    reduce: Callable[[Any, Any], Any] | None = None,
 ) -> TrainResult:
     """Train (resuming from the run's last checkpoint if there is one) and measure.
 
     validation_metrics(raw outputs) -> scalar metrics is called after each epoch's evaluation (the
-    task's own metrics, logged to history.jsonl as eval_<name>). With a monitor, training stops
+    task's own metrics, logged to history.jsonl as eval_<name>); `reduce` shrinks each evaluation
+    batch's raw outputs first (as in `predict`). With a monitor, training stops
     after `spec.early_stopping.patience` epochs without improvement and the best epoch is kept.
     """
     from transformers import EarlyStoppingCallback, Trainer
@@ -352,6 +366,7 @@ def train(
         data_collator=collator,
         callbacks=callbacks,
         compute_metrics=(lambda p: validation_metrics(p.predictions)) if validation_metrics and has_eval else None,
+        preprocess_logits_for_metrics=reduce if validation_metrics and has_eval else None,
     )
     _quiet(trainer)
     with PeakMemory() as memory:
@@ -404,14 +419,23 @@ def _samples_seen(state: Any, spec: TrainSpec, n_train: int) -> int:
 
 
 def predict(
-    model: nn.Module, features: Dataset, collator: Callable, spec: TrainSpec, *, precision: str
+    model: nn.Module,
+    features: Dataset,
+    collator: Callable,
+    spec: TrainSpec,
+    *,
+    precision: str,
+    reduce: Callable[[Any, Any], Any] | None = None,
 ) -> tuple[Any, float]:
-    """The model's raw outputs on `features` (logits; a tuple for multi-output heads), and seconds."""
+    """The model's raw outputs on `features` (logits; a tuple for multi-output heads), and seconds.
+
+    `reduce(logits, labels)`, when given, shrinks each batch's outputs before they are collected.
+    """
     from transformers import Trainer
 
     with _scratch_dir() as tmp:
         args = training_arguments(spec, tmp, has_eval=False, precision=precision, quiet=True)
-        trainer = Trainer(model=model, args=args, data_collator=collator)
+        trainer = Trainer(model=model, args=args, data_collator=collator, preprocess_logits_for_metrics=reduce)
         _quiet(trainer)
         start = time.perf_counter()
         output = trainer.predict(features)

@@ -16,7 +16,7 @@ import shutil
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from datasets import Dataset, DatasetDict
@@ -28,6 +28,7 @@ from peftlab.errors import EXIT_OK, EXIT_RUN_FAILED, InputError, did_you_mean
 from peftlab.executor import jobs_for, require_ray, run_in_processes, run_in_ray
 from peftlab.methods import METHODS, count_parameters
 from peftlab.models import ModelSource, load_config, load_tokenizer, resolve_model
+from peftlab.slices import score_with_sources, source_counts, source_map
 from peftlab.store import DONE, FAILED, RUNNING, ExperimentDir, RunDir, write_json, write_jsonl, write_yaml
 from peftlab.sweep import run_meta, run_protocol
 from peftlab.tasks import TASKS, Task
@@ -51,6 +52,8 @@ class Prepared:
     examples: DatasetDict
     features: dict[str, Dataset]
     store: ExperimentDir
+    predict_features: dict[str, Dataset] = field(default_factory=dict)  # per evaluated split
+    sources: dict[str, dict[str, str]] = field(default_factory=dict)  # split -> id -> source (data.sources)
 
     def inputs(self, split: str) -> Dataset:
         """A split's model inputs (the features without the task's bookkeeping columns)."""
@@ -117,16 +120,30 @@ def prepare(exp: LoadedExperiment, log: Log = log_line) -> Prepared:
     log(f"data: {_label(exp)}" + ", ".join(f"{name} {len(ds)}" for name, ds in examples.items()))
     source = resolve_model(spec.model, exp.base_dir)
     config, _ = load_config(source)
-    for run in exp.runs:  # a method setting the architecture cannot take fails here, not mid-run
-        METHODS.get(run.method)(**run.settings).resolve(config.model_type)
+    for run in exp.runs:  # a method setting the architecture or machine cannot take fails here, not mid-run
+        method = METHODS.get(run.method)(**run.settings)
+        method.resolve(config.model_type)
+        try:
+            method.check_runtime()
+        except InputError as exc:
+            raise InputError(f"{exp.path}: methods.{run.name}: {exc}") from None
         engine.resolve_precision(run.train.precision)
     tokenizer = load_tokenizer(source)
     log(f"model: {source.describe()} ({config.model_type}); tokenizing ...")
     try:
         features = {name: task.featurize(ds, tokenizer, spec.data.max_length) for name, ds in examples.items()}
+        # Most tasks predict from the rows they train on: reuse them rather than tokenize twice.
+        own = type(task).predict_features is not Task.predict_features
+        scoring = {
+            s: task.predict_features(examples[s], tokenizer, spec.data.max_length) if own else features[s]
+            for s in spec.evaluate.all_splits()
+        }
     except InputError as exc:
         raise InputError(f"{exp.path}: {describe_source(spec.data)}: {exc}") from None
-    return Prepared(exp, task, source, config.model_type, tokenizer, examples, features, ExperimentDir(exp.runs_dir))
+    store = ExperimentDir(exp.runs_dir)
+    return Prepared(
+        exp, task, source, config.model_type, tokenizer, examples, features, store, scoring, source_map(splits)
+    )
 
 
 def extra_examples(exp: LoadedExperiment, task: Task, name: str, extra: ExtraEvalSpec) -> Dataset:
@@ -269,15 +286,18 @@ def is_done(prep: Prepared, run: RunSpec, log: Log) -> bool:
     return done
 
 
-def data_summary(examples: DatasetDict) -> dict[str, Any]:
-    """Examples per split (and label counts where examples carry a single string label)."""
+def data_summary(examples: DatasetDict, sources: dict[str, dict[str, str]] | None = None) -> dict[str, Any]:
+    """Examples per split (and label counts where examples carry a single string label; per-source counts)."""
     from collections import Counter
 
     out = {}
+    counts = source_counts(sources or {})
     for name, ds in examples.items():
         entry: dict[str, Any] = {"n": len(ds)}
         if "label" in ds.column_names and ds.features["label"].dtype == "string":
             entry["labels"] = dict(sorted(Counter(ds["label"]).items()))
+        if name in counts:
+            entry["sources"] = counts[name]
         out[name] = entry
     return out
 
@@ -285,8 +305,8 @@ def data_summary(examples: DatasetDict) -> dict[str, Any]:
 def _data_summaries(exp: LoadedExperiment, preps: list[Prepared]) -> dict[str, Any]:
     """data.json: examples per split; in a multi-task experiment, per task key."""
     if not exp.parts:
-        return data_summary(preps[0].examples)
-    return {prep.exp.group["task"] or "data": data_summary(prep.examples) for prep in preps}
+        return data_summary(preps[0].examples, preps[0].sources)
+    return {prep.exp.group["task"] or "data": data_summary(prep.examples, prep.sources) for prep in preps}
 
 
 def _resolved_experiment(exp: LoadedExperiment, preps: list[Prepared]) -> dict[str, Any]:
@@ -366,6 +386,7 @@ def train_and_evaluate(prep: Prepared, run: RunSpec, folder: RunDir, log: Log) -
         label=run.name,
         validation_metrics=validation_metrics(prep),
         monitor=monitor_for(prep.task, run),
+        reduce=prep.task.reduce_outputs,
     )
     evaluation = evaluate_splits(prep, model, run, folder, precision, log)
     if run.save_model:
@@ -435,7 +456,7 @@ def task_summary(task: Task, name: str) -> dict[str, Any]:
 def validation_metrics(prep: Prepared) -> Any:
     """The task's scalar metrics on the validation split from raw model outputs (for each epoch)."""
     examples, features = prep.examples.get("validation"), prep.features.get("validation")
-    if examples is None or features is None:
+    if examples is None or features is None or not prep.task.scores_training_rows:
         return None
 
     def compute(outputs: Any) -> dict[str, float]:
@@ -469,13 +490,28 @@ def evaluate_splits(
 ) -> dict[str, dict[str, Any]]:
     """Predict and score each evaluated split; predictions go to predictions/<split>.jsonl."""
     out = {}
-    collator = prep.task.collator(prep.tokenizer)
     for split in run.eval_splits or prep.exp.spec.evaluate.all_splits():
-        outputs, seconds = engine.predict(model, prep.inputs(split), collator, run.train, precision=precision)
-        predictions = prep.task.predict(outputs, prep.examples[split], prep.features[split])
-        write_jsonl(folder.predictions_dir / f"{split}.jsonl", predictions)
-        out[split] = {**prep.task.score(predictions), "eval_seconds": round(seconds, 3)}
+        metrics, seconds = predict_and_score(
+            prep, model, split, run.train, precision, folder.predictions_dir / f"{split}.jsonl"
+        )
+        out[split] = {**metrics, "eval_seconds": round(seconds, 3)}
     return out
+
+
+def predict_and_score(
+    prep: Prepared, model: Any, split: str, train: Any, precision: str, path: Any
+) -> tuple[dict[str, Any], float]:
+    """Predict one split, write the predictions to `path`, score them (per source too); seconds predicting."""
+    features = prep.predict_features[split]
+    collator = prep.task.collator(prep.tokenizer)
+    inputs = prep.task.model_inputs(features)
+    outputs, seconds = engine.predict(
+        model, inputs, collator, train, precision=precision, reduce=prep.task.reduce_outputs
+    )
+    predictions = prep.task.predict(outputs, prep.examples[split], features)
+    metrics = score_with_sources(prep.task.score, predictions, prep.sources.get(split))
+    write_jsonl(path, predictions)
+    return metrics, seconds
 
 
 # --- baselines -------------------------------------------------------------------------------
@@ -501,7 +537,8 @@ def compute_baselines(prep: Prepared, log: Log) -> None:
     results: dict[str, dict[str, Any]] = {}
     for name, predict_fn in prep.task.baselines(prep.examples["train"]).items():
         results[name] = {
-            split: prep.task.score(predict_fn(prep.examples[split])) for split in spec.evaluate.all_splits()
+            split: score_with_sources(prep.task.score, predict_fn(prep.examples[split]), prep.sources.get(split))
+            for split in spec.evaluate.all_splits()
         }
     log("baseline: evaluating the untrained model ...")
     first = prep.exp.runs[0] if prep.exp.runs else None
@@ -511,13 +548,10 @@ def compute_baselines(prep: Prepared, log: Log) -> None:
     set_seed(spec.train.seed)
     model = prep.task.build_model(prep.source, prep.tokenizer)
     precision = engine.resolve_precision(train_spec.precision)
-    collator = prep.task.collator(prep.tokenizer)
     untrained = {}
     for split in spec.evaluate.all_splits():
-        outputs, _ = engine.predict(model, prep.inputs(split), collator, train_spec, precision=precision)
-        predictions = prep.task.predict(outputs, prep.examples[split], prep.features[split])
-        write_jsonl(target.parent / "predictions" / f"untrained-{split}.jsonl", predictions)
-        untrained[split] = prep.task.score(predictions)
+        path = target.parent / "predictions" / f"untrained-{split}.jsonl"
+        untrained[split], _ = predict_and_score(prep, model, split, train_spec, precision, path)
     results["untrained model"] = untrained
     write_json(
         target,

@@ -107,6 +107,24 @@ KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
     },
 }
 KNOWN_CONFIGS["meta-llama/Llama-3.2-1B-Instruct"] = KNOWN_CONFIGS["meta-llama/Llama-3.2-1B"]
+KNOWN_CONFIGS["HuggingFaceTB/SmolLM2-135M-Instruct"] = {  # the offline asset smollm2-135m
+    "model_type": "llama",
+    "vocab_size": 49152,
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "head_dim": 64,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 100000.0,
+    "tie_word_embeddings": True,
+    "hidden_act": "silu",
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 2,
+}
 
 
 def offline_unless_hub_reachable(timeout: float = 2.0) -> bool:
@@ -286,7 +304,25 @@ def instantiate(
     if getattr(config, "pad_token_id", None) is None and tokenizer is not None:
         config.pad_token_id = tokenizer.pad_token_id
     with _quiet_transformers():
-        return auto_cls.from_config(config)
+        model = auto_cls.from_config(config)
+    if weights and load_kwargs:
+        return _reload(auto_cls, model, load_kwargs)
+    return model
+
+
+def _reload(auto_cls: Any, model: Any, load_kwargs: dict[str, Any]) -> Any:
+    """A random-weight model loaded again with from_pretrained options (e.g. 4-bit quantization).
+
+    Quantizers act while a checkpoint is loaded, so the random weights are saved to a temporary
+    folder first: the model is then quantized exactly as a pretrained one would be.
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="peftlab-random-") as tmp, _quiet_transformers():
+        model.save_pretrained(tmp)
+        loaded = auto_cls.from_pretrained(tmp, **load_kwargs)
+    loaded.name_or_path = ""  # built from a config, as before: not the (deleted) temporary folder
+    return loaded
 
 
 def _from_pretrained(auto_cls: Any, source: ModelSource, updates: dict[str, Any], load_kwargs: dict[str, Any]) -> Any:

@@ -6,7 +6,9 @@ as PEFT counts them. When the hub is unreachable, known model configurations com
 built-in table, and the plan says so.
 
 The memory figure is an estimate (documented here so it can be checked against measured peaks):
-  weights     total params x bytes per weight (4 in fp32; 2 under bf16/fp16 kept as fp32 masters -> 4)
+  weights     total params x bytes per weight (4 in fp32; 2 under bf16/fp16 kept as fp32 masters -> 4);
+              a method that stores frozen weights otherwise says how many bytes they take
+              (`frozen_weight_bytes(model)`: QLoRA's 4-bit linear layers, ~0.52 bytes per weight)
   gradients   trainable x 4 bytes
   optimizer   trainable x 8 bytes (AdamW: two fp32 moments)
   activations per layer s*b*h*(34 + 5*a*s/h) bytes at 16-bit, twice that at fp32 (Korthikanti et
@@ -75,8 +77,15 @@ def _plan_group(exp: LoadedExperiment, log: Any) -> list[PlanRow]:
             model = task.build_model(source, tokenizer, weights=False)
             model = method.apply(model, head_modules=task.head_modules(model), task_type=task.peft_task_type)
         trainable, total = count_parameters(model)
+        frozen_bytes = getattr(method, "frozen_weight_bytes", None)  # a method storing frozen weights its own way
         memory = estimate_memory(
-            config, run, trainable, total, exp.spec.data.max_length, getattr(method, "frozen_weight_bytes", None)
+            config,
+            run,
+            trainable,
+            total,
+            exp.spec.data.max_length,
+            frozen_bytes(model) if callable(frozen_bytes) else None,
+            checkpointing=run.train.gradient_checkpointing or bool(getattr(method, "gradient_checkpointing", False)),
         )
         rows.append(PlanRow(run.name, run.method, settings, trainable, total, float(run.train.lr), memory))
     return rows
@@ -105,18 +114,29 @@ def _tokenizer_or_none(source: Any) -> Any:
 
 
 def estimate_memory(
-    config: Any, run: RunSpec, trainable: int, total: int, seq: int, frozen_bytes: float | None
+    config: Any,
+    run: RunSpec,
+    trainable: int,
+    total: int,
+    seq: int,
+    frozen_bytes: float | None,
+    *,
+    checkpointing: bool = False,
 ) -> dict[str, float]:
-    """The estimate described in the module docstring, per part and in total, in MiB."""
+    """The estimate described in the module docstring, per part and in total, in MiB.
+
+    frozen_bytes: the frozen weights' bytes when the method stores them its own way (4-bit), else
+    None (4 bytes each). checkpointing: activations are recomputed (gradient checkpointing).
+    """
     precision = engine.resolve_precision(run.train.precision)
     hidden = _first(config, "hidden_size", "dim", "d_model")
     layers = _first(config, "num_hidden_layers", "n_layers", "num_layers")
     heads = _first(config, "num_attention_heads", "n_heads")
     batch = run.train.batch_size
     frozen = total - trainable
-    weights = trainable * 4 + frozen * (frozen_bytes if frozen_bytes is not None else 4)
+    weights = trainable * 4 + (frozen_bytes if frozen_bytes is not None else frozen * 4)
     grads, optimizer = trainable * 4, trainable * 8
-    if run.train.gradient_checkpointing:
+    if checkpointing:
         activations = layers * 2 * seq * batch * hidden
     else:
         per_layer = seq * batch * hidden * (34 + 5 * heads * seq / max(hidden, 1))

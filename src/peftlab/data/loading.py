@@ -6,6 +6,10 @@ files), explicit `files:` per split, or a hub dataset id (`datasets.load_dataset
 without a validation split gets one carved (seeded) from train. Limits keep the first N rows of a
 seeded shuffle, so a limit is a random sample that is the same on every machine. Tasks then map
 the raw rows to their canonical fields.
+
+`data.sources` merges several datasets: each is loaded as above, its fields renamed and its labels
+mapped onto one label set, its rows tagged with `source` (its name) and given ids `NAME/ID`; the
+merged splits keep the fields every source has. The experiment's limits then apply to the merge.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import Any
 
 from datasets import Dataset, DatasetDict
 
-from peftlab.config import SPLITS, DataSpec
+from peftlab.config import SPLITS, DataSpec, SourceSpec
 from peftlab.errors import InputError
 from peftlab.store import read_jsonl
 
@@ -24,11 +28,10 @@ FILE_TYPES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", "
 
 def load_splits(spec: DataSpec, base_dir: Path | None = None, needed: tuple[str, ...] = SPLITS) -> DatasetDict:
     """The experiment's splits as raw rows, with derived validation and limits applied."""
-    raw, where = _load_source(spec, base_dir or Path.cwd())
-    raw = {ours: raw[theirs] for ours, theirs in _split_names(spec, raw, where).items()}
-    if "validation" not in raw and "train" in raw and "validation" in needed:
-        cut = raw["train"].train_test_split(test_size=spec.validation_fraction, seed=spec.seed, shuffle=True)
-        raw["train"], raw["validation"] = cut["train"], cut["test"]
+    if spec.sources:
+        raw, where = _merge_sources(spec, base_dir or Path.cwd(), needed)
+    else:
+        raw, where = _named_splits(spec, base_dir or Path.cwd(), spec, needed)
     missing = [s for s in needed if s not in raw]
     if missing:
         raise InputError(
@@ -41,11 +44,102 @@ def load_splits(spec: DataSpec, base_dir: Path | None = None, needed: tuple[str,
     return out
 
 
-def describe_source(spec: DataSpec) -> str:
+def describe_source(spec: DataSpec | SourceSpec) -> str:
+    if isinstance(spec, DataSpec) and spec.sources:
+        return " + ".join(s.display_name for s in spec.sources)
+    if not spec.source:
+        return ", ".join(spec.files.values())
     return spec.source + (f" ({spec.config_name})" if spec.config_name else "")
 
 
-def _split_names(spec: DataSpec, raw: dict[str, Dataset], where: str) -> dict[str, str]:
+def _named_splits(
+    origin: DataSpec | SourceSpec, base_dir: Path, spec: DataSpec, needed: tuple[str, ...]
+) -> tuple[dict[str, Dataset], str]:
+    """One origin's splits under peftlab's split names, validation carved when needed."""
+    raw, where = _load_source(origin, base_dir)
+    renamed = {ours: raw[theirs] for ours, theirs in _split_names(origin, raw, where).items()}
+    return _with_validation(renamed, spec, needed), where
+
+
+def _with_validation(raw: dict[str, Dataset], spec: DataSpec, needed: tuple[str, ...]) -> dict[str, Dataset]:
+    """Carve a seeded validation split from train when it is needed and the source has none."""
+    if "validation" not in raw and "train" in raw and "validation" in needed:
+        cut = raw["train"].train_test_split(test_size=spec.validation_fraction, seed=spec.seed, shuffle=True)
+        raw = {**raw, "train": cut["train"], "validation": cut["test"]}
+    return raw
+
+
+# --- several sources -------------------------------------------------------------------------
+
+
+def _merge_sources(spec: DataSpec, base_dir: Path, needed: tuple[str, ...]) -> tuple[dict[str, Dataset], str]:
+    """Every source's splits, normalised (fields, labels, ids, `source`) and concatenated split by split."""
+    merged: dict[str, list[dict[str, Any]]] = {}
+    columns: set[str] | None = None
+    for i, source in enumerate(spec.sources or []):
+        key = f"data.sources.{i} ({source.display_name})"
+        raw, where = _named_splits(source, base_dir, spec, needed)
+        missing = [s for s in needed if s not in raw]
+        if missing:
+            raise InputError(f"{key}: {where} has no {', '.join(missing)} split (found: {', '.join(raw)})")
+        for split in needed:
+            rows = _source_rows(_limited(raw[split], source, split, spec.seed, key), source, f"{key} [{split}]")
+            merged.setdefault(split, []).extend(rows)
+            keys = set(rows[0]) if rows else set()
+            columns = keys if columns is None else columns & keys
+    kept = columns or {"id", "source"}
+    out = {
+        split: Dataset.from_list([{k: row.get(k) for k in row if k in kept} for row in rows])
+        for split, rows in merged.items()
+    }
+    return out, describe_source(spec)
+
+
+def _limited(ds: Dataset, source: SourceSpec, split: str, seed: int, key: str) -> Dataset:
+    limit = source.limits.get(split)
+    if limit is None:
+        return ds
+    if limit > len(ds):
+        raise InputError(f"{key}: limits.{split}: {limit} is larger than the {len(ds)} examples of the {split} split")
+    return ds.shuffle(seed=seed).select(range(limit))
+
+
+def _source_rows(ds: Dataset, source: SourceSpec, where: str) -> list[dict[str, Any]]:
+    """Rows with renamed fields, label names (not class ids), mapped labels, `NAME/ID` ids and `source`."""
+    unknown = [f for f in source.fields if f not in ds.column_names]
+    if unknown:
+        raise InputError(
+            f"{where}: fields: no field {', '.join(map(repr, unknown))} (fields: {', '.join(ds.column_names)})"
+        )
+    class_names = {col: feat.names for col, feat in ds.features.items() if hasattr(feat, "names")}
+    name = source.display_name
+    rows, unmapped = [], {}
+    for index, row in enumerate(ds):
+        out = {
+            source.fields.get(col, col): class_names[col][v] if col in class_names and v is not None and v >= 0 else v
+            for col, v in row.items()
+        }
+        label = out.get(source.label_field)
+        label = None if label is None else str(label)
+        if source.label_map is not None:
+            if label not in source.label_map:
+                unmapped[label] = unmapped.get(label, 0) + 1
+                continue
+            label = source.label_map[label]
+            if label is None:  # mapped to null: dropped on purpose
+                continue
+        if source.label_field in out or source.label_map is not None:
+            out[source.label_field] = label
+        out["id"] = f"{name}/{out.get('id', index)}"
+        out["source"] = name
+        rows.append(out)
+    if unmapped:
+        shown = ", ".join(f"{k!r} ({v} examples)" for k, v in sorted(unmapped.items(), key=lambda kv: -kv[1])[:5])
+        raise InputError(f"{where}: label_map has no entry for {shown}; map each label (null drops its examples)")
+    return rows
+
+
+def _split_names(spec: DataSpec | SourceSpec, raw: dict[str, Dataset], where: str) -> dict[str, str]:
     """Our split name -> the source's split name (explicit `data.splits`, else same name, 'dev')."""
     names = {}
     for ours in SPLITS:
@@ -70,7 +164,7 @@ def _check_and_limit(spec: DataSpec, splits: DatasetDict, where: str) -> None:
             splits[name] = splits[name].shuffle(seed=spec.seed).select(range(limit))
 
 
-def _load_source(spec: DataSpec, base_dir: Path) -> tuple[dict[str, Dataset], str]:
+def _load_source(spec: DataSpec | SourceSpec, base_dir: Path) -> tuple[dict[str, Dataset], str]:
     """Raw splits as the source names them, and a description of where they came from."""
     if spec.files:
         files = {split: _local(path, base_dir, f"data.files.{split}") for split, path in spec.files.items()}
@@ -149,7 +243,7 @@ def _load_asset(name: str) -> tuple[dict[str, Dataset], str]:
     return splits, f"asset:{name}"
 
 
-def _load_hub(spec: DataSpec) -> dict[str, Dataset]:
+def _load_hub(spec: DataSpec | SourceSpec) -> dict[str, Dataset]:
     from datasets import load_dataset
 
     try:

@@ -45,6 +45,9 @@ class Method:
         """Extra keyword arguments for the base model's `from_pretrained` (e.g. quantization)."""
         return {}
 
+    def check_runtime(self) -> None:
+        """Raise InputError when this machine cannot run the method as set (checked before training)."""
+
     def apply(self, model: nn.Module, *, head_modules: list[str], task_type: str) -> nn.Module:
         raise NotImplementedError
 

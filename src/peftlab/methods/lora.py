@@ -1,14 +1,23 @@
-"""LoRA (Hu et al., 2021): trainable low-rank updates B·A beside frozen weight matrices."""
+"""LoRA (Hu et al., 2021): trainable low-rank updates B·A beside frozen weight matrices.
+
+With `quantize: nf4` this is QLoRA (Dettmers et al., 2023): the frozen base weights are loaded in
+4-bit (methods/quantize.py), PEFT's `prepare_model_for_kbit_training` readies the model (norms and
+embeddings in fp32, input gradients) and gradient checkpointing is on; the adapters train as usual.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
-from peft import LoraConfig, PeftConfig
+from peft import LoraConfig, PeftConfig, prepare_model_for_kbit_training
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from pydantic import Field, PositiveInt
+from torch import nn
 
-from peftlab.methods.base import MethodSettings
+from peftlab.errors import InputError
+from peftlab.methods import quantize as quant
+from peftlab.methods.base import BuildModel, MethodSettings
 from peftlab.methods.peft_common import PeftMethod, default_targets
 from peftlab.registry import METHODS
 
@@ -28,6 +37,16 @@ class LoraSettings(MethodSettings):
     )
     bias: Literal["none", "all", "lora_only"] = "none"
     layers: list[int] | None = Field(None, description="only these layer indices (default: all)")
+    quantize: quant.Quantize | None = Field(
+        None, description="load the frozen base weights in 4-bit (nf4 = QLoRA, or fp4) with bitsandbytes"
+    )
+    double_quant: bool = Field(True, description="quantize the 4-bit block scales too (QLoRA's double quantization)")
+    compute_dtype: quant.ComputeDtype = Field(
+        "auto", description="dtype the 4-bit layers compute in; auto = bf16 where supported, else fp16/fp32"
+    )
+    keep_modules: list[str] = Field(
+        default_factory=list, description="more modules to keep out of quantization (task heads always are)"
+    )
 
 
 @METHODS.register("lora")
@@ -40,9 +59,50 @@ class Lora(PeftMethod):
 
     def resolve(self, model_type: str) -> dict[str, Any]:
         resolved = self.settings.model_dump()
+        if resolved["quantize"] is None:  # the 4-bit options mean nothing then: keep plain LoRA's record plain
+            for key in ("quantize", "double_quant", "compute_dtype", "keep_modules"):
+                resolved.pop(key)
         if resolved["target_modules"] is None:
             resolved["target_modules"] = list(default_targets(DEFAULT_TARGETS, model_type, "target_modules", "lora"))
         return resolved
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """QLoRA always checkpoints activations (it is part of the recipe; `plan` counts on it)."""
+        return self.settings.quantize is not None
+
+    def load_kwargs(self) -> dict[str, Any]:
+        s = self.settings
+        if s.quantize is None:
+            return {}
+        config = quant.bnb_config(s.quantize, double_quant=s.double_quant, dtype=s.compute_dtype, keep=s.keep_modules)
+        return {"quantization_config": config}
+
+    def check_runtime(self) -> None:
+        if self.settings.quantize is not None and (problem := quant.probe(self.settings.quantize)):
+            raise InputError(
+                f"quantize: {self.settings.quantize}: bitsandbytes cannot run 4-bit layers on this machine "
+                f"({problem}); remove `quantize` to train plain LoRA"
+            )
+
+    def frozen_weight_bytes(self, model: nn.Module) -> float | None:
+        """Bytes of the frozen weights under 4-bit (for `plan`); None: the default estimate applies."""
+        s = self.settings
+        if s.quantize is None:
+            return None
+        return quant.quantized_bytes(model, double_quant=s.double_quant, keep=s.keep_modules)
+
+    def apply(self, model: nn.Module, *, head_modules: list[str], task_type: str) -> nn.Module:
+        if getattr(model, "is_loaded_in_4bit", False):
+            model = prepare_model_for_kbit_training(
+                quant.keep_training_layout(model),
+                use_gradient_checkpointing=True,
+                gradient_checkpointing_kwargs={"use_reentrant": False},
+            )
+        return super().apply(model, head_modules=head_modules, task_type=task_type)
+
+    def load(self, build: BuildModel, directory: Path) -> nn.Module:
+        return quant.keep_training_layout(super().load(build, directory))
 
     def peft_config(self, *, head_modules: list[str], task_type: str, model_type: str) -> PeftConfig:
         s = self.resolve(model_type)

@@ -49,6 +49,10 @@ def build_report(path: Path | str) -> dict[str, Path]:
     blocks += multitask.early_stopping_blocks(runs) + multitask.truncation_blocks(runs)
     blocks += settings_blocks(runs)
     blocks += figure_blocks(exp_dir, runs, baselines, splits)
+    blocks += share_blocks(exp_dir, evaluated(runs, baselines, splits[-1]), splits[-1])
+    blocks += source_blocks(
+        exp_dir, evaluated(runs, baselines, splits[-1]), splits[-1], baselines.get("primary_metric")
+    )
     blocks += per_class_blocks(runs, splits)
     blocks += failure_blocks(runs)
     out = {"md": exp_dir.path / "report.md", "html": exp_dir.path / "report.html", "csv": exp_dir.path / "results.csv"}
@@ -198,9 +202,10 @@ def summary_blocks(exp_dir: ExperimentDir, experiment: dict[str, Any], runs: lis
     data = experiment.get("data", {})
     task = experiment.get("task", {})
     model = experiment.get("model")
+    origin = " + ".join(str(s.get("name") or s.get("source")) for s in data.get("sources") or []) or data.get("source")
     lines = [
         f"Model: `{_model_text(model)}`. Task: `{task.get('name')}`. "
-        f"Data: `{data.get('source')}`" + (f" (max length {data.get('max_length')})" if data else "") + ".",
+        f"Data: `{origin}`" + (f" (max length {data.get('max_length')})" if data else "") + ".",
     ]
     if experiment.get("description"):
         lines.insert(0, experiment["description"])
@@ -331,6 +336,83 @@ def figure_blocks(
         blocks += [Heading("Learning curves"), Figures(curves)]
     if matrices:
         blocks += [Heading(f"Confusion matrices ({split})"), Figures(matrices)]
+    return blocks
+
+
+def evaluated(runs: list[RunDir], baselines: dict[str, Any], split: str) -> list[tuple[str, dict[str, Any]]]:
+    """(name, metrics on `split`) for every finished run, then every baseline."""
+    found = [(r.name, r.metrics().get("eval", {}).get(split, {})) for r in runs]
+    found += [(name, by_split.get(split, {})) for name, by_split in baselines.get("baselines", {}).items()]
+    return [(name, metrics) for name, metrics in found if metrics]
+
+
+def bias_line(name: str, predicted: dict[str, float], true: dict[str, float]) -> str:
+    """One run's predicted share per label against the true share, and the most over-predicted label."""
+    shares = ", ".join(
+        f"{label} {100 * predicted[label]:.1f}% (true {100 * true.get(label, 0):.1f}%)" for label in predicted
+    )
+    label, excess = max(((k, predicted[k] - true.get(k, 0)) for k in predicted), key=lambda kv: kv[1])
+    verdict = f"over-predicts {label} by {100 * excess:.1f} points" if excess > 0 else "matches the true shares"
+    return f"{name}: predicts {shares}; {verdict}."
+
+
+def share_blocks(exp_dir: ExperimentDir, results: list[tuple[str, dict[str, Any]]], split: str) -> list[Block]:
+    """Predicted-label distribution per run and baseline against the true one (a bias check).
+
+    Shown for any task whose metrics include `predicted_share` and `true_share`.
+    """
+    results = [(n, m) for n, m in results if m.get("predicted_share") and m.get("true_share")]
+    if not results:
+        return []
+    true = results[0][1]["true_share"]
+    labels = list(true)
+    header = ["Run", *[f"{label} predicted" for label in labels], f"largest excess ({split})"]
+    rows = [["true share", *[f"{100 * true[label]:.1f}%" for label in labels], "—"]]
+    for name, metrics in results:
+        predicted = metrics["predicted_share"]
+        label, excess = max(((k, predicted.get(k, 0) - true.get(k, 0)) for k in labels), key=lambda kv: kv[1])
+        rows.append(
+            [name, *[f"{100 * predicted.get(k, 0):.1f}%" for k in labels], f"{label} {100 * excess:+.1f} points"]
+        )
+    figure = plots.label_shares(
+        true,
+        {name: m["predicted_share"] for name, m in results},
+        f"predicted vs true label share ({split})",
+        exp_dir.path / "figures" / f"label-shares-{split}.png",
+    )
+    return [
+        Heading(f"Predicted vs true label share ({split})"),
+        Table(header, rows, "Share of predictions per label; the first row is the share of each label in the data."),
+        *[Paragraph(bias_line(name, m["predicted_share"], m["true_share"])) for name, m in results],
+        Figure(figure.relative_to(exp_dir.path), "predicted label shares against the true shares"),
+    ]
+
+
+def source_blocks(
+    exp_dir: ExperimentDir, results: list[tuple[str, dict[str, Any]]], split: str, primary: str | None
+) -> list[Block]:
+    """Per-source examples and metrics when the data merges several sources (`by_source` metrics)."""
+    results = [(n, m["by_source"]) for n, m in results if m.get("by_source")]
+    if not results or not primary:
+        return []
+    sources = list(results[0][1])
+    blocks: list[Block] = [Heading(f"Per-source results ({split})")]
+    sizes = read_json(exp_dir.path / "data.json") or {}
+    counted = {split_name: v["sources"] for split_name, v in sizes.items() if v.get("sources")}
+    if counted:
+        header = ["Split", *sources]
+        rows = [[name, *[fmt_int(c.get(s)) for s in sources]] for name, c in counted.items()]
+        blocks.append(Table(header, rows, "Examples per source and split."))
+    header = ["Run", *[f"{s} {primary}" for s in sources], *[f"{s} macro_f1" for s in sources]]
+    rows = [
+        [
+            name,
+            *[fmt_metric(by.get(s, {}).get(primary)) for s in sources],
+            *[fmt_metric(by.get(s, {}).get("macro_f1")) for s in sources],
+        ]
+        for name, by in results
+    ]
+    blocks.append(Table(header, rows, f"Each source's {split} examples scored on their own: a fairness slice."))
     return blocks
 
 

@@ -57,6 +57,24 @@ def confusion(matrix: list[list[int]], labels: list[str], title: str, path: Path
     return _save(fig, path)
 
 
+def label_shares(true: dict[str, float], predicted: dict[str, dict[str, float]], title: str, path: Path) -> Path:
+    """Grouped bars: the true share of each label, then each run's share of predictions."""
+    labels = list(true)
+    series = [("true share", true), *predicted.items()]
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(max(5.2, 1.2 * len(labels) * len(series) / 2), 3.4), dpi=110)
+    for i, (name, shares) in enumerate(series):
+        xs = np.arange(len(labels)) + (i - (len(series) - 1) / 2) * width
+        ax.bar(xs, [shares.get(label, 0) for label in labels], width, label=name, hatch="//" if i == 0 else None)
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_ylabel("share of examples")
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, axis="y")
+    return _save(fig, path)
+
+
 def _save(fig: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()

@@ -92,6 +92,22 @@ class Task:
         """Model inputs (and labels), plus the task's `bookkeeping_columns` for `predict`."""
         raise NotImplementedError
 
+    def predict_features(self, examples: Dataset, tokenizer: Any, max_length: int) -> Dataset:
+        """Model inputs for prediction. Default: featurize's rows. A task whose prediction needs other
+        rows (e.g. one row per candidate answer, scored by likelihood) returns those instead."""
+        return self.featurize(examples, tokenizer, max_length)
+
+    # Optional, per batch during prediction: (raw logits, labels) -> what is kept of them. A causal LM's
+    # logits are vocabulary-sized per position; a task that needs a few numbers of them reduces them
+    # here instead of letting every batch's logits pile up (the Trainer's preprocess_logits_for_metrics).
+    reduce_outputs: Callable[[Any, Any], Any] | None = None
+
+    @property
+    def scores_training_rows(self) -> bool:
+        """Whether `predict` can score `featurize`'s validation rows (the per-epoch validation metrics).
+        False for a task whose prediction needs its own rows (e.g. one per candidate answer)."""
+        return True
+
     def model_inputs(self, features: Dataset) -> Dataset:
         """The featurized rows without bookkeeping columns: exactly what the Trainer receives."""
         drop = [c for c in self.bookkeeping_columns if c in features.column_names]
