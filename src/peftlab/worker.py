@@ -56,6 +56,9 @@ def run_job(job: WorkerJob) -> int:
 
 
 def main(argv: list[str]) -> int:
+    from peftlab.cli import quiet_libraries
+
+    quiet_libraries()  # before the executor's imports pull in PEFT and bitsandbytes (import-time warnings)
     from peftlab.executor import WorkerJob
 
     _exit_with_parent()
