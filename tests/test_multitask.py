@@ -114,6 +114,18 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
     exp = multitask(tmp_path)
     # NER: early stopping on the loss with a min_delta no epoch can reach -> stops after epoch 1 + patience 1
     exp["tasks"][0]["train"] = {"epochs": 4, "early_stopping": {"patience": 1, "metric": "loss", "min_delta": 10}}
+    squad = str(DATA / "squad_tiny.json")
+    exp["tasks"].append(
+        {
+            "key": "squad",
+            "task": {"name": "qa", "doc_stride": 16},
+            "data": {
+                "source": "squad",
+                "files": dict.fromkeys(("train", "validation", "test"), squad),
+                "max_length": 48,
+            },
+        }
+    )
     lines: list[str] = []
     code = run_experiment(load(tmp_path, exp), executor="inline", log=lines.append)
     assert code == EXIT_OK, lines
@@ -144,12 +156,21 @@ def test_report_has_the_study_tables(finished: Path) -> None:
     rows = list(csv.DictReader((finished / "results.csv").open()))
     lora = next(r for r in rows if r["run"] == "tiny.wnut.lora")
     assert (lora["model"], lora["task"], lora["method"], lora["stopped_early"]) == ("tiny", "wnut", "lora", "True")
-    assert {r["task"] for r in rows if r["kind"] == "baseline"} == {"wnut", "multiple_choice", "sentiment"}
+    assert {r["task"] for r in rows if r["kind"] == "baseline"} == {"wnut", "multiple_choice", "sentiment", "squad"}
     full, lora_mc = (
         json.loads((finished / f"tiny.multiple_choice.{m}" / "metrics.json").read_text()) for m in ("full", "lora")
     )
     share = lora_mc["params"]["trainable"] / full["params"]["trainable"]
     assert f"| {100 * share:.2f} |" in md
+
+
+def test_qa_scores_already_x100_are_not_scaled_again(finished: Path) -> None:
+    """QA reports EM/F1 x100 itself; the cross-task table puts every task on one x100 scale."""
+    md = (finished / "report.md").read_text()
+    f1 = json.loads((finished / "tiny.squad.lora" / "metrics.json").read_text())["eval"]["test"]["f1"]
+    row = next(line for line in md.splitlines() if line.startswith("| tiny (lora) |"))  # the summary table
+    assert "squad f1" in md and f"| {f1:.1f} |" in row
+    assert all(float(c) <= 100 for c in re.findall(r"\| (\d+\.\d) ", row))
 
 
 def test_reloaded_multitask_runs_predict_as_saved(finished: Path) -> None:

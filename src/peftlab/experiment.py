@@ -450,6 +450,7 @@ def task_summary(task: Task, name: str) -> dict[str, Any]:
         "name": name,
         "primary_metric": task.primary_metric,
         "headline_metrics": list(task.headline_metrics or (task.primary_metric,)),
+        "score_scale": task.score_scale,
     }
 
 
@@ -559,6 +560,7 @@ def compute_baselines(prep: Prepared, log: Log) -> None:
             "fingerprint": key,
             "primary_metric": prep.task.primary_metric,
             "headline_metrics": task_summary(prep.task, prep.task_name)["headline_metrics"],
+            "score_scale": prep.task.score_scale,
             "baselines": results,
         },
     )

@@ -100,7 +100,7 @@ def _fit_task(exp: LoadedExperiment, task: Task, log: Any) -> None:
     except InputError as exc:
         note = task.assume_without_data()
         group = f"[{exp.group_name}] " if exp.group_name else ""
-        log(f"note: {group}data not readable ({str(exc).splitlines()[0][:160]}); {note}")
+        log(f"note: {group}data not readable ({_shorten(str(exc).splitlines()[0], 160)}); {note}")
         return
     task.prepare(splits, describe_source(exp.spec.data))
 
@@ -179,6 +179,14 @@ def format_plan(rows: list[PlanRow]) -> str:
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     settings = [
-        f"  {r.run}: " + ", ".join(f"{k}={v}" for k, v in r.settings.items() if v not in (None, [], {})) for r in rows
+        f"  {r.run}: " + (", ".join(f"{k}={v}" for k, v in r.settings.items() if v not in (None, [], {})) or "—")
+        for r in rows
     ]
     return "\n".join([*lines, "", "resolved settings:", *settings])
+
+
+def _shorten(text: str, width: int) -> str:
+    """`text` cut at a word boundary to at most `width` characters, with an ellipsis when cut."""
+    if len(text) <= width:
+        return text
+    return text[: width - 1].rsplit(" ", 1)[0].rstrip(" (:,;") + " …"

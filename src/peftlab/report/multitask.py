@@ -52,6 +52,7 @@ class TaskColumn:
     name: str
     source: str
     headline: list[str] = field(default_factory=list)
+    scale: float = 1.0  # a perfect score (100.0 when the task reports x100 itself, as QA does)
 
 
 @dataclass
@@ -148,21 +149,23 @@ def _task_columns(
         name = task if isinstance(task, str) else str(task.get("name", ""))
         key = entry.get("key") or ("" if not experiment.get("tasks") else name)
         column = TaskColumn(key, name, str((entry.get("data") or {}).get("source", "")))
-        column.headline = _headline(cells, key, exp_dir, models)
+        column.headline, column.scale = _headline(cells, key, exp_dir, models)
         out.append(column)
     return out
 
 
-def _headline(cells: list[Cell], task: str, exp_dir: ExperimentDir, models: list[str]) -> list[str]:
-    """The task's headline metrics as its runs (or baselines) recorded them."""
+def _headline(cells: list[Cell], task: str, exp_dir: ExperimentDir, models: list[str]) -> tuple[list[str], float]:
+    """The task's headline metrics and score scale as its runs (or baselines) recorded them."""
     for cell in cells:
-        if cell.task == task and cell.metrics.get("task", {}).get("headline_metrics"):
-            return list(cell.metrics["task"]["headline_metrics"])
+        summary = cell.metrics.get("task", {})
+        if cell.task == task and summary.get("headline_metrics"):
+            return list(summary["headline_metrics"]), float(summary.get("score_scale", 1.0))
     for model in models:
         base = read_json(exp_dir.baselines_for(group_name(model, task)), {}) or {}
         if base.get("headline_metrics") or base.get("primary_metric"):
-            return list(base.get("headline_metrics") or [base["primary_metric"]])
-    return []
+            headline = list(base.get("headline_metrics") or [base["primary_metric"]])
+            return headline, float(base.get("score_scale", 1.0))
+    return [], 1.0
 
 
 def group_name(model: str, task: str) -> str:
@@ -181,8 +184,9 @@ def _label(model: str, method: str) -> str:
     return f"{model} ({method})" if model else method
 
 
-def _pct(value: float | None) -> str:
-    return f"{100 * value:.1f}" if isinstance(value, int | float) else "—"
+def _pct(value: float | None, scale: float = 1.0) -> str:
+    """A score x100 (a fraction's scale is 1.0; a score already x100 has scale 100.0)."""
+    return f"{100 * value / scale:.1f}" if isinstance(value, int | float) else "—"
 
 
 def fmt_params(value: Any) -> str:
@@ -239,7 +243,7 @@ def summary_table_blocks(
             scores = []
             for task in tasks:
                 cell = _find(cells, model, task.key, method)
-                scores += [_pct(cell.score(split, m)) if cell and cell.done else "—" for m in task.headline]
+                scores += [_pct(cell.score(split, m), task.scale) if cell and cell.done else "—" for m in task.headline]
             rows.append([_label(model, method), params, *scores])
     rows += _baseline_summary_rows(exp_dir, tasks, models, split)
     caption = (
@@ -263,7 +267,9 @@ def _baseline_summary_rows(exp_dir: ExperimentDir, tasks: list[TaskColumn], mode
         names += [n for n in merged if n not in names]
     rows = []
     for name in names:
-        cells = [_pct((by_task[t.key].get(name) or {}).get(split, {}).get(m)) for t in tasks for m in t.headline]
+        cells = [
+            _pct((by_task[t.key].get(name) or {}).get(split, {}).get(m), t.scale) for t in tasks for m in t.headline
+        ]
         rows.append([f"baseline: {name}", "—", *cells])
     return rows
 
@@ -287,8 +293,8 @@ def share_blocks(cells: list[Cell], tasks: list[TaskColumn], split: str) -> list
                     _label(cell.model, cell.method),
                     task.key or task.name,
                     metric,
-                    _pct(mine),
-                    _pct(full),
+                    _pct(mine, task.scale),
+                    _pct(full, task.scale),
                     _pct(share),
                     fmt_params(cell.trainable),
                     fmt_params(reference.trainable),

@@ -39,6 +39,9 @@ class Task:
     default_max_length: ClassVar[int] = 128
     # the metrics a multi-task summary table shows for this task (default: the primary metric)
     headline_metrics: ClassVar[tuple[str, ...]] = ()
+    # what a perfect score is: 1.0 for fractions, 100.0 for tasks that report x100 as their field does
+    # (QA, like the official SQuAD script); tables that compare tasks put every score on one scale
+    score_scale: ClassVar[float] = 1.0
     # columns of `featurize` output that are bookkeeping for `predict` (e.g. which example a window
     # belongs to, character offsets), not model inputs: `model_inputs` drops them for the Trainer
     bookkeeping_columns: ClassVar[tuple[str, ...]] = ()

@@ -55,6 +55,7 @@ class QuestionAnswering(Task):
     Options = QAOptions
     peft_task_type = "QUESTION_ANS"
     primary_metric = "f1"
+    score_scale = 100.0  # EM and F1 x100, as the SQuAD evaluation script and the study report them
     higher_is_better: ClassVar[dict[str, bool]] = {"exact_match": True, "f1": True, "loss": False}
     default_max_length = 256
     bookkeeping_columns = ("example_index", "offset_start", "offset_end")
