@@ -12,6 +12,9 @@ from pathlib import Path
 
 
 def main() -> int:
+    from peftlab.cli import quiet_libraries
+
+    quiet_libraries()  # the same quiet terminal as `peftlab run` (no load bars, advisory warnings)
     selected = sys.argv[1:]
     ok = True
     for path in sorted(Path(__file__).parent.glob("bench_*.py")):
