@@ -223,5 +223,5 @@ def test_plan_on_the_paper_config_gives_the_study_counts() -> None:
 
 def test_offline_config_validates() -> None:
     exp = load_experiment(CONFIGS / "lora_multitask_offline.yaml")
-    assert [g.group_name for g in exp.groups()] == ["minilm.wnut16", "minilm.mc", "minilm.sentiment"]
+    assert [g.group_name for g in exp.groups()] == ["minilm.wnut16", "minilm.mc", "minilm.qa", "minilm.sentiment"]
     assert exp.groups()[0].runs[0].train.early_stopping is not None
