@@ -164,6 +164,16 @@ def test_report_has_the_study_tables(finished: Path) -> None:
     assert f"| {100 * share:.2f} |" in md
 
 
+def test_shares_of_a_reference_no_better_than_baselines_are_marked_and_not_counted(finished: Path) -> None:
+    """A tiny model's full fine-tuning ties the majority class on sentiment: its share is no evidence."""
+    md = (finished / "report.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| tiny (lora) | sentiment | accuracy |"))
+    assert row.split(" | ")[5].endswith("†")
+    assert "tiny sentiment accuracy: 50.0 against majority class 50.0" in md
+    # every tiny reference is at baseline level here, so nothing is counted for or against the claim
+    assert "PEFT run(s) reach" not in md and "the study's claim cannot be judged" in md
+
+
 def test_qa_scores_already_x100_are_not_scaled_again(finished: Path) -> None:
     """QA reports EM/F1 x100 itself; the cross-task table puts every task on one x100 scale."""
     md = (finished / "report.md").read_text()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,7 +99,7 @@ def build_multitask_report(exp_dir: ExperimentDir, experiment: dict[str, Any]) -
     methods = _row_methods(experiment, cells)
     blocks: list[Block] = [Paragraph(line) for line in _summary_lines(exp_dir, experiment, tasks, runs)]
     blocks += summary_table_blocks(cells, tasks, models, methods, split, exp_dir)
-    blocks += share_blocks(cells, tasks, split)
+    blocks += share_blocks(cells, tasks, split, exp_dir)
     blocks += selection_blocks(exp_dir)  # sweep-then-train: its sweep table, when there was one
     blocks += time_blocks(cells, tasks, models, methods)
     blocks += early_stopping_blocks(runs)
@@ -274,9 +275,34 @@ def _baseline_summary_rows(exp_dir: ExperimentDir, tasks: list[TaskColumn], mode
     return rows
 
 
-def share_blocks(cells: list[Cell], tasks: list[TaskColumn], split: str) -> list[Block]:
+def _no_better_than_baselines(
+    exp_dir: ExperimentDir, reference: Cell, task: TaskColumn, metric: str, split: str
+) -> str | None:
+    """Why full fine-tuning's score is no real reference (None when it is one).
+
+    A share of a reference that does not beat the task's best baseline says nothing about the PEFT
+    method. "Beats" means by two standard errors of a proportion at the baseline's score on the
+    split's n examples (the usual test for accuracy; for token- or entity-level scores, whose units
+    outnumber the examples, a conservative approximation).
+    """
+    full, n = reference.score(split, metric), (reference.metrics.get("eval", {}).get(split) or {}).get("n")
+    scored = {
+        name: values[split][metric] / task.scale
+        for name, values in _baselines(exp_dir, reference.model, task.key).items()
+        if isinstance((values.get(split) or {}).get(metric), int | float)
+    }
+    if full is None or not n or not scored:
+        return None
+    name, best = max(scored.items(), key=lambda item: item[1])
+    margin = 2 * math.sqrt(max(best * (1 - best), 0.0) / n)
+    if full / task.scale > best + margin:
+        return None
+    return f"{_pct(full, task.scale)} against {name} {_pct(best)} (two standard errors: {100 * margin:.1f}, n={n})"
+
+
+def share_blocks(cells: list[Cell], tasks: list[TaskColumn], split: str, exp_dir: ExperimentDir) -> list[Block]:
     """Each PEFT run's score and trainable parameters as a share of full fine-tuning's."""
-    rows, verdicts = [], []
+    rows, verdicts, unfounded = [], [], {}
     for cell in cells:
         reference = next(
             (c for c in cells if (c.model, c.task) == (cell.model, cell.task) and c.is_reference and c.done), None
@@ -288,6 +314,9 @@ def share_blocks(cells: list[Cell], tasks: list[TaskColumn], split: str) -> list
         for metric in task.headline:
             mine, full = cell.score(split, metric), reference.score(split, metric)
             share = mine / full if mine is not None and full else None
+            why = _no_better_than_baselines(exp_dir, reference, task, metric, split)
+            if why:
+                unfounded[(reference.model, task.key or task.name, metric)] = why
             rows.append(
                 [
                     _label(cell.model, cell.method),
@@ -295,13 +324,13 @@ def share_blocks(cells: list[Cell], tasks: list[TaskColumn], split: str) -> list
                     metric,
                     _pct(mine, task.scale),
                     _pct(full, task.scale),
-                    _pct(share),
+                    _pct(share) + (" †" if why else ""),
                     fmt_params(cell.trainable),
                     fmt_params(reference.trainable),
                     f"{100 * param_share:.2f}" if param_share is not None else "—",
                 ]
             )
-            if metric == task.headline[-1] and share is not None and param_share is not None:
+            if metric == task.headline[-1] and share is not None and param_share is not None and not why:
                 verdicts.append(share >= 0.9 and param_share < 0.01)
     if not rows:
         return []
@@ -321,6 +350,21 @@ def share_blocks(cells: list[Cell], tasks: list[TaskColumn], split: str) -> list
         "The study's claim: about 90% of full fine-tuning's score with less than 1% of its parameters."
     )
     blocks: list[Block] = [Heading("PEFT against full fine-tuning"), Table(header, rows, caption)]
+    if unfounded:
+        blocks.append(
+            Paragraph(
+                "† Full fine-tuning does not beat the best baseline there, so the share says nothing and is "
+                "left out of the count: "
+                + "; ".join(
+                    f"{model or 'model'} {task} {metric}: {why}" for (model, task, metric), why in unfounded.items()
+                )
+                + "."
+            )
+        )
+    if not verdicts and unfounded:
+        blocks.append(
+            Paragraph("No full fine-tuning run here beats its baselines: the study's claim cannot be judged.")
+        )
     if verdicts:
         blocks.append(
             Paragraph(
