@@ -146,3 +146,14 @@ class Task:
     def probe_match(self, prediction: Prediction, expected: Any) -> bool:
         """Whether a prediction matches the expected answer an examples file gives."""
         return str(prediction.get("prediction")) == str(expected)
+
+
+class LabelledTask(Task):
+    """A task with a label set in `options.labels`: given in the file, or fitted on train in `prepare`."""
+
+    @property
+    def labels(self) -> list[str]:
+        labels = getattr(self.options, "labels", None)
+        if labels is None:
+            raise RuntimeError("labels are fitted in prepare()")
+        return labels

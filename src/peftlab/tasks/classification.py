@@ -19,7 +19,7 @@ from peftlab.errors import InputError
 from peftlab.metrics import classification_metrics, softmax_rows
 from peftlab.models import ModelSource, instantiate
 from peftlab.registry import TASKS
-from peftlab.tasks.base import Prediction, Task, TaskOptions
+from peftlab.tasks.base import LabelledTask, Prediction, TaskOptions
 
 
 class ClassificationOptions(TaskOptions):
@@ -30,19 +30,13 @@ class ClassificationOptions(TaskOptions):
 
 
 @TASKS.register("classification")
-class Classification(Task):
+class Classification(LabelledTask):
     """Text (pair) classification with a sequence-classification head."""
 
     Options = ClassificationOptions
     peft_task_type = "SEQ_CLS"
     primary_metric = "accuracy"
     higher_is_better: ClassVar[dict[str, bool]] = {"accuracy": True, "macro_f1": True, "loss": False}
-
-    @property
-    def labels(self) -> list[str]:
-        if self.options.labels is None:
-            raise RuntimeError("labels are fitted in prepare()")
-        return self.options.labels
 
     # --- data ---------------------------------------------------------------------------------
     def prepare(self, splits: DatasetDict, where: str) -> DatasetDict:

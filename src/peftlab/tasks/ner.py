@@ -40,7 +40,7 @@ from torch import nn
 from peftlab.errors import InputError
 from peftlab.models import ModelSource, instantiate
 from peftlab.registry import TASKS
-from peftlab.tasks.base import Prediction, Task, TaskOptions
+from peftlab.tasks.base import LabelledTask, Prediction, TaskOptions
 
 BIO = re.compile(r"^(O|[BI]-.+)$")
 TAG_FIELDS = ("tags", "ner_tags")
@@ -66,7 +66,7 @@ def bio_labels(tags: set[str]) -> list[str]:
 
 
 @TASKS.register("ner")
-class Ner(Task):
+class Ner(LabelledTask):
     """Token classification with BIO tags and entity-level metrics."""
 
     Options = NerOptions
@@ -80,12 +80,6 @@ class Ner(Task):
     }
     headline_metrics = ("token_accuracy", "f1")
     bookkeeping_columns = ("word_ids",)
-
-    @property
-    def labels(self) -> list[str]:
-        if self.options.labels is None:
-            raise RuntimeError("labels are fitted in prepare()")
-        return self.options.labels
 
     # --- data ---------------------------------------------------------------------------------
     def prepare(self, splits: DatasetDict, where: str) -> DatasetDict:
