@@ -131,12 +131,18 @@ def prepare(exp: LoadedExperiment, log: Log = log_line) -> Prepared:
     tokenizer = load_tokenizer(source)
     log(f"model: {source.describe()} ({config.model_type}); tokenizing ...")
     try:
-        features = {name: task.featurize(ds, tokenizer, spec.data.max_length) for name, ds in examples.items()}
-        # Most tasks predict from the rows they train on: reuse them rather than tokenize twice.
+        # Most tasks predict from the rows they train on: those are tokenized once and serve both.
+        # A task with rows of its own for prediction gets training rows only where training uses them.
         own = type(task).predict_features is not Task.predict_features
+        evaluated = spec.evaluate.all_splits()
+        trained_on = [s for s in ("train", "validation") if s in examples]
+        features = {
+            name: task.featurize(examples[name], tokenizer, spec.data.max_length)
+            for name in dict.fromkeys([*trained_on, *([] if own else evaluated)])
+        }
         scoring = {
             s: task.predict_features(examples[s], tokenizer, spec.data.max_length) if own else features[s]
-            for s in spec.evaluate.all_splits()
+            for s in evaluated
         }
     except InputError as exc:
         raise InputError(f"{exp.path}: {describe_source(spec.data)}: {exc}") from None
