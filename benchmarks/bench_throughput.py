@@ -29,7 +29,7 @@ def build(method: str):
     task = TASKS.get("classification")(labels=["a", "b", "c"])
     torch.manual_seed(0)
     model = task.build_model(source, load_tokenizer(source))
-    return METHODS.get(method)().apply(model, head_modules=task.head_modules(model), task_type="SEQ_CLS")
+    return METHODS.get(method)().apply(model, head_modules=task.head_modules(model), task_type=task.peft_task_type)
 
 
 def step_seconds(method: str, bf16: bool) -> float:

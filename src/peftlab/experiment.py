@@ -564,9 +564,7 @@ def compute_baselines(prep: Prepared, log: Log) -> None:
         target,
         {
             "fingerprint": key,
-            "primary_metric": prep.task.primary_metric,
-            "headline_metrics": task_summary(prep.task, prep.task_name)["headline_metrics"],
-            "score_scale": prep.task.score_scale,
+            **{k: v for k, v in task_summary(prep.task, prep.task_name).items() if k != "name"},
             "baselines": results,
         },
     )

@@ -77,15 +77,14 @@ def _plan_group(exp: LoadedExperiment, log: Any) -> list[PlanRow]:
             model = task.build_model(source, tokenizer, weights=False)
             model = method.apply(model, head_modules=task.head_modules(model), task_type=task.peft_task_type)
         trainable, total = count_parameters(model)
-        frozen_bytes = getattr(method, "frozen_weight_bytes", None)  # a method storing frozen weights its own way
         memory = estimate_memory(
             config,
             run,
             trainable,
             total,
             exp.spec.data.max_length,
-            frozen_bytes(model) if callable(frozen_bytes) else None,
-            checkpointing=run.train.gradient_checkpointing or bool(getattr(method, "gradient_checkpointing", False)),
+            method.frozen_weight_bytes(model),
+            checkpointing=run.train.gradient_checkpointing or method.gradient_checkpointing,
         )
         rows.append(PlanRow(run.name, run.method, settings, trainable, total, float(run.train.lr), memory))
     return rows

@@ -26,8 +26,8 @@ from datasets import Dataset
 from peftlab.config import parse_yaml
 from peftlab.errors import InputError
 from peftlab.report.render import Heading, Paragraph, Table, to_markdown
-from peftlab.store import read_jsonl, write_atomic, write_jsonl
-from peftlab.trained import TrainedRun, load_run
+from peftlab.store import RunDir, read_jsonl, write_atomic, write_jsonl
+from peftlab.trained import load_run
 
 MATCH, MISS = "✓", "✗"
 PROBE_KEYS = ("expected", "category")  # the probe's own fields; the rest goes to the task
@@ -84,18 +84,24 @@ def probe_runs(run_dirs: list[Path], examples_file: Path, output: Path | None = 
     if not run_dirs:
         raise InputError("probe: name at least one run folder")
     examples = read_examples(examples_file)
-    runs = [load_run(path) for path in run_dirs]
-    tasks = {run.config["task"]["name"] for run in runs}
-    if len(tasks) > 1:
-        raise InputError(
-            f"probe: the runs solve different tasks ({', '.join(sorted(tasks))}); probe one task at a time"
-        )
-    labels = run_labels(runs)
+    rows = Dataset.from_list([ex.fields for ex in examples])
+    labels = run_labels([RunDir(Path(path)) for path in run_dirs])
     answers: dict[str, list[str]] = {}
     matches: dict[str, list[bool | None]] = {}
     inputs: list[str] = []
-    for label, run in zip(labels, runs, strict=True):
-        rows = Dataset.from_list([ex.fields for ex in examples])
+    described: list[list[str]] = []  # label, folder, method, model: for probe.md
+    task_names: list[str] = []
+    out = output
+    for label, path in zip(labels, run_dirs, strict=True):
+        run = load_run(path)  # one model in memory at a time: probes may compare several large runs
+        task_names.append(run.config["task"]["name"])
+        if len(set(task_names)) > 1:
+            raise InputError(
+                f"probe: the runs solve different tasks ({', '.join(sorted(set(task_names)))}); "
+                "probe one task at a time"
+            )
+        described.append([label, str(run.folder.path), run.config.get("method", ""), run.source.describe()])
+        out = out or run.folder.path.parent / "probe.md"
         canonical = run.task.examples_from_rows(rows, str(examples_file), labelled=False)
         predictions = run.predict(canonical)
         inputs = [run.task.probe_input(ex) for ex in canonical]
@@ -104,18 +110,19 @@ def probe_runs(run_dirs: list[Path], examples_file: Path, output: Path | None = 
             None if ex.expected is None else run.task.probe_match(p, ex.expected)
             for ex, p in zip(examples, predictions, strict=True)
         ]
-    out = output or runs[0].folder.path.parent / "probe.md"
+        del run
+    assert out is not None
     result = ProbeResult(examples, inputs, labels, answers, matches, out)
-    write_probe(result, runs, examples_file)
+    write_probe(result, described, examples_file)
     return result
 
 
-def run_labels(runs: list[TrainedRun]) -> list[str]:
+def run_labels(folders: list[RunDir]) -> list[str]:
     """Run folder names, or experiment/run where runs of several experiments share a name."""
-    names = [run.folder.name for run in runs]
+    names = [folder.name for folder in folders]
     if len(set(names)) == len(names):
         return names
-    return [f"{run.folder.path.parent.name}/{run.folder.name}" for run in runs]
+    return [f"{folder.path.parent.name}/{folder.name}" for folder in folders]
 
 
 # --- output ------------------------------------------------------------------------------------
@@ -172,7 +179,7 @@ def format_terminal(result: ProbeResult) -> str:
     return text_table(header, rows, shutil.get_terminal_size(fallback=(160, 24)).columns)
 
 
-def write_probe(result: ProbeResult, runs: list[TrainedRun], examples_file: Path) -> None:
+def write_probe(result: ProbeResult, described: list[list[str]], examples_file: Path) -> None:
     """probe.md (table, runs, then every example in full) and probe.jsonl (one record per example)."""
     header, rows = table_rows(result)
     blocks = [
@@ -183,13 +190,7 @@ def write_probe(result: ProbeResult, runs: list[TrainedRun], examples_file: Path
         ),
         Table(header, rows),
         Heading("Runs"),
-        Table(
-            ["Run", "Folder", "Method", "Model"],
-            [
-                [label, str(run.folder.path), run.config.get("method", ""), run.source.describe()]
-                for label, run in zip(result.runs, runs, strict=True)
-            ],
-        ),
+        Table(["Run", "Folder", "Method", "Model"], described),
         Heading("Examples"),
     ]
     for ex, shown in zip(result.examples, result.inputs, strict=True):

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from peftlab.data.splits import deduplicate, text_key
+from peftlab.data.splits import deduplicate, split, text_key
 
 MIN_WORDS = 4
 CHOICES = 4
@@ -55,14 +55,8 @@ def cut(text: str) -> tuple[str, str, str] | None:
 
 def split_by_group(groups: Sequence[str], fractions: dict[str, float], seed: int) -> dict[str, str]:
     """group -> split name: a seeded permutation of the sorted distinct groups, cut by fractions."""
-    names = sorted(set(groups))
-    order = np.random.default_rng(seed).permutation(len(names))
-    out, start = {}, 0
-    for i, (split, fraction) in enumerate(fractions.items()):
-        end = len(names) if i == len(fractions) - 1 else start + round(fraction * len(names))
-        out.update({names[j]: split for j in order[start:end]})
-        start = end
-    return out
+    parts = split(sorted(set(groups)), fractions, seed)  # the same seeded cut as the assets' row splits
+    return {group: name for name, members in parts.items() for group in members}
 
 
 def build_items(

@@ -48,6 +48,16 @@ class Method:
     def check_runtime(self) -> None:
         """Raise InputError when this machine cannot run the method as set (checked before training)."""
 
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """Whether the method always checkpoints activations (`plan` estimates memory accordingly)."""
+        return False
+
+    def frozen_weight_bytes(self, model: nn.Module) -> float | None:
+        """Bytes of the frozen weights when the method stores them its own way (e.g. 4-bit), for `plan`;
+        None: the default estimate (4 bytes per weight) applies."""
+        return None
+
     def apply(self, model: nn.Module, *, head_modules: list[str], task_type: str) -> nn.Module:
         raise NotImplementedError
 

@@ -49,10 +49,9 @@ def build_report(path: Path | str) -> dict[str, Path]:
     blocks += multitask.early_stopping_blocks(runs) + multitask.truncation_blocks(runs)
     blocks += settings_blocks(runs)
     blocks += figure_blocks(exp_dir, runs, baselines, splits)
-    blocks += share_blocks(exp_dir, evaluated(runs, baselines, splits[-1]), splits[-1])
-    blocks += source_blocks(
-        exp_dir, evaluated(runs, baselines, splits[-1]), splits[-1], baselines.get("primary_metric")
-    )
+    last = evaluated(runs, baselines, splits[-1])
+    blocks += share_blocks(exp_dir, last, splits[-1])
+    blocks += source_blocks(exp_dir, last, splits[-1], baselines.get("primary_metric"))
     blocks += per_class_blocks(runs, splits)
     blocks += failure_blocks(runs)
     out = {"md": exp_dir.path / "report.md", "html": exp_dir.path / "report.html", "csv": exp_dir.path / "results.csv"}

@@ -22,6 +22,7 @@ import csv
 import io
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -66,11 +67,12 @@ class Cell:
     method: str
     entry: str = ""  # the method entry (differs from `method` for the points of a sweep)
 
-    @property
+    @cached_property
     def metrics(self) -> dict[str, Any]:
+        """metrics.json, read once: every table asks for it (a report is built from finished files)."""
         return self.run.metrics()
 
-    @property
+    @cached_property
     def done(self) -> bool:
         return self.run.status().get("state") == DONE and bool(self.metrics)
 
@@ -259,13 +261,8 @@ def _baseline_summary_rows(exp_dir: ExperimentDir, tasks: list[TaskColumn], mode
     names: list[str] = []
     by_task: dict[str, dict[str, Any]] = {}
     for task in tasks:
-        merged: dict[str, Any] = {}
-        for model in models:
-            for name, scores in _baselines(exp_dir, model, task.key).items():
-                key = f"untrained {model}".strip() if name == "untrained model" else name
-                merged.setdefault(key, scores)
-        by_task[task.key] = merged
-        names += [n for n in merged if n not in names]
+        by_task[task.key] = _task_baselines(exp_dir, task.key, models)["baselines"]
+        names += [n for n in by_task[task.key] if n not in names]
     rows = []
     for name in names:
         cells = [

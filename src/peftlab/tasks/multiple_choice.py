@@ -214,11 +214,9 @@ class MultipleChoice(Task):
         ]
 
     def score(self, predictions: list[Prediction]) -> dict[str, Any]:
-        n = len(predictions)
-        correct = sum(1 for p in predictions if p["prediction"] == p["label"])
         return {
-            "accuracy": correct / n if n else 0.0,
-            "n": n,
+            "accuracy": _accuracy(predictions),
+            "n": len(predictions),
             "n_truncated": sum(1 for p in predictions if p.get("truncated")),
         }
 

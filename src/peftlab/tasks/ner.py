@@ -240,14 +240,16 @@ class Ner(LabelledTask):
     def predict(self, outputs: Any, examples: Dataset, features: Dataset) -> list[Prediction]:
         """Each word's tag from its first sub-token; words cut off by max_length are 'O'."""
         logits = outputs[0] if isinstance(outputs, tuple) else outputs
+        best = np.asarray(logits).argmax(-1)  # (examples, positions): one argmax for the whole split
+        names = np.asarray(self.labels, dtype=object)
         out = []
-        for ex, words, scores in zip(examples, features["word_ids"], logits, strict=True):
-            tags = ["O"] * len(ex["tokens"])
-            seen: set[int] = set()
-            for position, word in enumerate(words):
-                if word >= 0 and word not in seen:
-                    seen.add(word)
-                    tags[word] = self.labels[int(np.argmax(scores[position]))]
+        for ex, words, ids in zip(examples, features["word_ids"], best, strict=True):
+            tags = np.full(len(ex["tokens"]), "O", dtype=object)
+            positions = np.asarray(words, dtype=np.int64)
+            inside = np.flatnonzero(positions >= 0)
+            word, first = np.unique(positions[inside], return_index=True)  # each word's first sub-token
+            tags[word] = names[ids[inside[first]]]
+            tags = tags.tolist()
             covered = max(words) + 1 if words else 0
             out.append(
                 {
