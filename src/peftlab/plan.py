@@ -29,6 +29,7 @@ from peftlab.data.loading import describe_source, load_splits
 from peftlab.errors import InputError
 from peftlab.methods import METHODS, count_parameters
 from peftlab.models import load_config, load_tokenizer, resolve_model
+from peftlab.report.render import aligned_text
 from peftlab.tasks import TASKS, Task
 
 
@@ -169,19 +170,11 @@ def format_plan(rows: list[PlanRow]) -> str:
         ]
         for r in rows
     ]
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *body, strict=True)]
-    lines = [
-        "  ".join(
-            str(c).ljust(w) if i < 2 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
-        )
-        for row in [header, *body]
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
     settings = [
         f"  {r.run}: " + (", ".join(f"{k}={v}" for k, v in r.settings.items() if v not in (None, [], {})) or "—")
         for r in rows
     ]
-    return "\n".join([*lines, "", "resolved settings:", *settings])
+    return "\n".join([aligned_text(header, body, left=2), "", "resolved settings:", *settings])
 
 
 def _shorten(text: str, width: int) -> str:

@@ -15,7 +15,17 @@ from typing import Any
 
 from peftlab.errors import InputError
 from peftlab.report import plots
-from peftlab.report.render import Block, Figure, Figures, Heading, Paragraph, Table, to_html, to_markdown
+from peftlab.report.render import (
+    Block,
+    Figure,
+    Figures,
+    Heading,
+    Paragraph,
+    Table,
+    aligned_text,
+    to_html,
+    to_markdown,
+)
 from peftlab.report.sweeps import sweep_blocks
 from peftlab.store import DONE, ExperimentDir, RunDir, read_json, write_atomic
 
@@ -85,12 +95,7 @@ def terminal_summary(path: Path | str) -> str:
         + [fmt_metric(row.get(f"{s}_{m}")) for s, m in columns]
         for row in result_rows(runs, baselines, columns)
     ]
-    widths = [max(len(str(cell)) for cell in col) for col in zip(header, *body, strict=True)]
-    lines = [
-        "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-        for r in [header, *body]
-    ]
-    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
+    return aligned_text(header, body, left=2)
 
 
 # --- collecting ------------------------------------------------------------------------------

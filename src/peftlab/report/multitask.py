@@ -37,7 +37,7 @@ from peftlab.report import (
     settings_blocks,
     summary_hardware,
 )
-from peftlab.report.render import Block, Heading, Paragraph, Table, to_html, to_markdown
+from peftlab.report.render import Block, Heading, Paragraph, Table, aligned_text, to_html, to_markdown
 from peftlab.report.sweeps import selection_blocks
 from peftlab.store import DONE, ExperimentDir, RunDir, read_json, write_atomic
 
@@ -536,11 +536,4 @@ def multitask_terminal_summary(exp_dir: ExperimentDir, experiment: dict[str, Any
     table = summary_table_blocks(cells, tasks, models, _row_methods(experiment, cells), splits[-1], exp_dir)
     block = table[1]
     assert isinstance(block, Table)
-    widths = [max(len(str(c)) for c in col) for col in zip(block.header, *block.rows, strict=True)]
-    lines = [
-        "  ".join(
-            str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
-        )
-        for r in [block.header, *block.rows]
-    ]
-    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:], f"({splits[-1]} split, x100)"])
+    return aligned_text(block.header, block.rows, left=1) + f"\n({splits[-1]} split, x100)"

@@ -11,6 +11,7 @@ import base64
 import html
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 @dataclass
@@ -46,6 +47,19 @@ class Figures:
 
 
 Block = Heading | Paragraph | Table | Figure | Figures
+
+
+def aligned_text(header: list[str], rows: list[list[Any]], left: int = 1) -> str:
+    """A table as terminal text: the first `left` columns left-aligned, the rest right-aligned
+    (numbers), a dashed line under the header."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
+    lines = [
+        "  ".join(
+            str(c).ljust(w) if i < left else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in [header, *rows]
+    ]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
 
 
 def _md_cell(text: str) -> str:
