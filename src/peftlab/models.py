@@ -295,14 +295,17 @@ def instantiate(
     load_kwargs = {k: v for k, v in kwargs.items() if k not in config_keys}
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if weights and source.kind != "random":
-        return _from_pretrained(auto_cls, source, updates, load_kwargs)
+        model = _from_pretrained(auto_cls, source, updates, load_kwargs)
+        if getattr(model.config, "pad_token_id", None) is None and tokenizer is not None:
+            model.config.pad_token_id = tokenizer.pad_token_id  # decoder models batch with padding
+        return model
     config, _ = load_config(source, allow_known=not weights)
     if source.kind == "random" and tokenizer is not None and not source.base and "vocab_size" not in source.overrides:
         config.vocab_size = len(tokenizer)
     for key, value in updates.items():
         setattr(config, key, value)
     if getattr(config, "pad_token_id", None) is None and tokenizer is not None:
-        config.pad_token_id = tokenizer.pad_token_id
+        config.pad_token_id = tokenizer.pad_token_id  # decoder models batch with padding
     with _quiet_transformers():
         model = auto_cls.from_config(config)
     if weights and load_kwargs:

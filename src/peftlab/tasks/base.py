@@ -157,3 +157,11 @@ class LabelledTask(Task):
         if labels is None:
             raise RuntimeError("labels are fitted in prepare()")
         return labels
+
+    def label_config(self) -> dict[str, Any]:
+        """The model configuration entries of the label set (head size and label names)."""
+        return {
+            "num_labels": len(self.labels),
+            "id2label": dict(enumerate(self.labels)),
+            "label2id": {label: i for i, label in enumerate(self.labels)},
+        }

@@ -104,19 +104,14 @@ class Classification(LabelledTask):
     ) -> nn.Module:
         from transformers import AutoModelForSequenceClassification
 
-        model = instantiate(
+        return instantiate(
             AutoModelForSequenceClassification,
             source,
             tokenizer=tokenizer,
             weights=weights,
-            num_labels=len(self.labels),
-            id2label=dict(enumerate(self.labels)),
-            label2id={label: i for i, label in enumerate(self.labels)},
+            **self.label_config(),
             **load_kwargs,
         )
-        if getattr(model.config, "pad_token_id", None) is None:
-            model.config.pad_token_id = tokenizer.pad_token_id  # decoder models batch with padding
-        return model
 
     def featurize(self, examples: Dataset, tokenizer: Any, max_length: int) -> Dataset:
         label_ids = {label: i for i, label in enumerate(self.labels)}

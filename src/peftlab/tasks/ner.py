@@ -193,9 +193,7 @@ class Ner(LabelledTask):
             source,
             tokenizer=tokenizer,
             weights=weights,
-            num_labels=len(self.labels),
-            id2label=dict(enumerate(self.labels)),
-            label2id={label: i for i, label in enumerate(self.labels)},
+            **self.label_config(),
             **load_kwargs,
         )
 

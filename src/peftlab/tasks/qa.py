@@ -109,10 +109,7 @@ class QuestionAnswering(Task):
     ) -> nn.Module:
         from transformers import AutoModelForQuestionAnswering
 
-        model = instantiate(AutoModelForQuestionAnswering, source, tokenizer=tokenizer, weights=weights, **load_kwargs)
-        if getattr(model.config, "pad_token_id", None) is None and tokenizer is not None:
-            model.config.pad_token_id = tokenizer.pad_token_id  # decoder models batch with padding
-        return model
+        return instantiate(AutoModelForQuestionAnswering, source, tokenizer=tokenizer, weights=weights, **load_kwargs)
 
     def featurize(self, examples: Dataset, tokenizer: Any, max_length: int) -> Dataset:
         """Windows of question + context, with span labels when every example has an answer.
