@@ -146,6 +146,7 @@ def prepare(exp: LoadedExperiment, log: Log = log_line) -> Prepared:
         }
     except InputError as exc:
         raise InputError(f"{exp.path}: {describe_source(spec.data)}: {exc}") from None
+    _check_monitors_are_measured(exp, task)
     store = ExperimentDir(exp.runs_dir)
     return Prepared(
         exp, task, source, config.model_type, tokenizer, examples, features, store, scoring, source_map(splits)
@@ -183,6 +184,21 @@ def monitor_for(task: Task, run: RunSpec) -> engine.Monitor | None:
             f"{did_you_mean(metric, known)}; expected one of: auto, {', '.join(known)}"
         )
     return engine.Monitor(metric, metric != "loss" and task.higher_is_better.get(metric, True))
+
+
+def _check_monitors_are_measured(exp: LoadedExperiment, task: Task) -> None:
+    """Early stopping on a metric needs it after every epoch, which only a task that scores its
+    training rows gives (known once featurized): otherwise only the validation loss can be watched."""
+    if task.scores_training_rows:
+        return
+    for run in exp.runs:
+        monitor = monitor_for(task, run)
+        if monitor is not None and monitor.metric != "loss":
+            raise InputError(
+                f"{exp.path}: {run.name}: train.early_stopping.metric: '{monitor.metric}' is not measured after "
+                "each epoch for this task as set (its predictions need rows of their own, e.g. verbalizers of "
+                "several tokens); expected: loss"
+            )
 
 
 def check_existing(prep: Prepared, fresh: bool, log: Log, runs: list[RunSpec] | None = None) -> None:

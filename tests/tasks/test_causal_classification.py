@@ -207,3 +207,17 @@ def test_verbalizers_that_tokenize_alike_are_refused(llama) -> None:
     task.prepare(DatasetDict({"train": examples()}), "data")
     with pytest.raises(InputError, match="give the same tokens"):
         task.featurize(examples(), tokenizer, 48)
+
+
+def test_early_stopping_on_a_metric_not_measured_each_epoch_fails_before_training(tmp_path: Path) -> None:
+    """Multi-token verbalizers are scored on rows of their own: per-epoch accuracy does not exist."""
+    from peftlab.experiment import prepare
+
+    train = {"epochs": 2, "batch_size": 8, "precision": "fp32", "early_stopping": {"metric": "accuracy"}}
+    exp = tiny_experiment(
+        tmp_path, model=TINY_LLAMA, task={"name": "causal_classification", "verbalizers": MULTI_TOKEN}, train=train
+    )
+    with pytest.raises(InputError, match=r"'accuracy' is not measured after each epoch.*expected: loss"):
+        prepare(load_experiment(write_experiment(tmp_path, exp)), log=lambda m: None)
+    exp["task"]["verbalizers"] = ONE_TOKEN  # scored on the training rows: accepted
+    prepare(load_experiment(write_experiment(tmp_path, exp)), log=lambda m: None)
