@@ -133,3 +133,22 @@ def test_union_errors_are_merged_into_one_message(tmp_path: Path) -> None:
     exp = tiny_experiment(tmp_path, model={"arc": "bert"})
     message = error_of(tmp_path, exp)
     assert "model.arc: unknown key (did you mean 'arch'?)" in message and "valid string" not in message
+
+
+CONFIGS = Path(__file__).parent.parent / "configs"
+
+
+@pytest.mark.parametrize(
+    "path", [p for p in sorted(CONFIGS.rglob("*.yaml")) if "probes" not in p.parts], ids=lambda p: p.name
+)
+def test_every_shipped_config_validates(path: Path) -> None:
+    exp = load_experiment(path)
+    assert exp.spec.name == path.stem
+
+
+def test_squad_offline_study_config_follows_the_protocol() -> None:
+    exp = load_experiment(CONFIGS / "papers" / "lora_vs_ia3_squad_offline.yaml")
+    sweep = exp.spec.sweep
+    assert sweep is not None and sweep.protocol == "sweep-then-train" and sweep.fraction == 0.1 and sweep.epochs == 1
+    assert exp.spec.data.source == "asset:squad-v1.1" and exp.spec.data.max_length == 256
+    assert exp.task.options["lowercase"] is True and exp.task.options["doc_stride"] == 64

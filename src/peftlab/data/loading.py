@@ -231,16 +231,22 @@ def _read_file(path: Path) -> Dataset:
         raise InputError(f"{path}: cannot read it as {kind}: {str(exc).splitlines()[0][:300]}") from None
 
 
-def _load_asset(name: str) -> tuple[dict[str, Dataset], str]:
+def _load_asset(ref: str) -> tuple[dict[str, Dataset], str]:
+    """An asset's splits (fetched on first use); `NAME:SUBSET` keeps the rows of that subset."""
     from peftlab import assets
 
-    folder = assets.locate(name)
-    if assets.get(name).kind != "data":
-        raise InputError(f"data.source: asset '{name}' is a model, not a dataset (see `peftlab assets list`)")
-    splits = {
-        s: Dataset.from_list(read_jsonl(folder / f"{s}.jsonl")) for s in SPLITS if (folder / f"{s}.jsonl").exists()
-    }
-    return splits, f"asset:{name}"
+    asset, values = assets.parse_ref(ref)
+    if asset.kind != "data":
+        raise InputError(f"data.source: asset '{asset.name}' is a model, not a dataset (see `peftlab assets list`)")
+    folder = assets.ensure(asset.name)
+    splits = {}
+    for split in SPLITS:
+        rows = read_jsonl(folder / f"{split}.jsonl")
+        if values is not None:
+            rows = [r for r in rows if r.get(asset.subset_field) in values]
+        if rows:
+            splits[split] = Dataset.from_list(rows)
+    return splits, f"asset:{ref}"
 
 
 def _load_hub(spec: DataSpec | SourceSpec) -> dict[str, Dataset]:

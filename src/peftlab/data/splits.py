@@ -58,3 +58,20 @@ def split(rows: Sequence[Row], fractions: dict[str, float], seed: int) -> dict[s
         out[name] = [rows[j] for j in order[start:end]]
         start = end
     return out
+
+
+def split_by_group(
+    rows: Sequence[Row], group: Callable[[Row], str], fractions: dict[str, float], seed: int
+) -> dict[str, list[Row]]:
+    """Like `split`, but whole groups (e.g. all questions about one article) go to one split.
+
+    The groups are sorted before the seeded permutation, so the split does not depend on row order;
+    the fractions are of groups, so the example counts per split follow the groups' sizes.
+    """
+    names = sorted({group(r) for r in rows})
+    cut = split([{"g": g} for g in names], fractions, seed)
+    where = {item["g"]: name for name, items in cut.items() for item in items}
+    out: dict[str, list[Row]] = {name: [] for name in fractions}
+    for row in rows:
+        out[where[group(row)]].append(row)
+    return out

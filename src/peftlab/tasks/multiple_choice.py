@@ -2,7 +2,8 @@
 
 Inputs: the hub's `swag` (`sent1` context, `sent2` start of the ending, `ending0..3`, `label`), local
 files in the same shape, or rows with `context`, an optional `start`, a list `endings` and `label`
-(the index of the right ending), like the offline `rotten-tomatoes-mc` asset.
+(the index of the right ending), like the offline `hellaswag` and `rotten-tomatoes-mc` assets; or
+exam-style rows with `question`, a list `choices` and `label` (the `mmlu`, `medmcqa`, `arc-*` assets).
 
 Each candidate is encoded as the pair (context, start + ending); the model scores every pair and
 the highest score wins (transformers' *ForMultipleChoice heads). Every item must have the same
@@ -46,10 +47,10 @@ STOP = frozenset(_STOP_WORDS.split())
 
 
 class MultipleChoiceOptions(TaskOptions):
-    context_field: str | None = Field(None, description="the context; default: context, then sent1")
+    context_field: str | None = Field(None, description="the context; default: context, then sent1, then question")
     start_field: str | None = Field(None, description="start of every ending; default: start, then sent2 (optional)")
     endings_field: str | None = Field(
-        None, description="a list of endings; default: endings, then ending0, ending1, ..."
+        None, description="a list of endings; default: endings, then choices, then ending0, ending1, ..."
     )
     label_field: str = Field("label", description="index of the right ending")
     num_choices: PositiveInt | None = Field(None, ge=2, description="endings per item; default: from train")
@@ -112,11 +113,11 @@ class MultipleChoice(Task):
                 )
             return found
 
-        context = first(opts.context_field, ("context", "sent1"), "context_field")
+        context = first(opts.context_field, ("context", "sent1", "question"), "context_field")
         start = first(opts.start_field, ("start", "sent2"), "start_field", required=False)
         numbered = sorted((f for f in cols if re.fullmatch(r"ending\d+", f)), key=lambda f: int(f[6:]))
         endings: list[str] | str | None = first(
-            opts.endings_field, ("endings",), "endings_field", required=not numbered
+            opts.endings_field, ("endings", "choices"), "endings_field", required=not numbered
         )
         if labelled and opts.label_field not in cols:
             raise InputError(
