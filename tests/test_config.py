@@ -152,3 +152,37 @@ def test_squad_offline_study_config_follows_the_protocol() -> None:
     assert sweep is not None and sweep.protocol == "sweep-then-train" and sweep.fraction == 0.1 and sweep.epochs == 1
     assert exp.spec.data.source == "asset:squad-v1.1" and exp.spec.data.max_length == 256
     assert exp.task.options["lowercase"] is True and exp.task.options["doc_stride"] == 64
+
+
+def test_validating_every_config_imports_no_heavy_library() -> None:
+    """Config errors come back at once: validation must not load torch, transformers, PEFT or datasets."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from peftlab.config import load_experiment\n"
+        f"for path in sorted(Path({str(CONFIGS)!r}).rglob('*.yaml')):\n"
+        "    if 'probes' not in path.parts:\n"
+        "        load_experiment(path)\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'peft', 'datasets', 'bitsandbytes') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def test_a_misspelt_key_is_reported_by_the_cli_without_loading_torch(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    path = write_experiment(tmp_path, {**tiny_experiment(tmp_path), "trian": {"epochs": 1}})
+    code = (
+        "import sys\n"
+        "from peftlab.cli import main\n"
+        f"code = main(['run', {str(path)!r}])\n"
+        "print(code, 'torch' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "2 False"
+    assert "trian: unknown key (did you mean 'train'?)" in result.stderr

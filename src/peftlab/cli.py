@@ -15,6 +15,10 @@ from pathlib import Path
 
 from peftlab.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_RUN_FAILED, InputError
 
+# Verbs that validate their input before loading the heavy libraries (they call quiet_libraries
+# themselves), so that a config error is reported in about a second, not after torch has loaded.
+LIGHT_VERBS = ("run", "plan", "assets")
+
 
 def quiet_libraries() -> None:
     """Keep library chatter (hub telemetry, advisory warnings) out of the terminal output."""
@@ -34,24 +38,25 @@ def quiet_libraries() -> None:
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
-    from peftlab.models import offline_unless_hub_reachable
-
-    offline_unless_hub_reachable()
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from peftlab.config import load_experiment
+
+    exp = load_experiment(args.experiment, args.set, args.only)  # light: config errors come back at once
+    quiet_libraries()
     from peftlab.experiment import run_experiment
 
-    exp = load_experiment(args.experiment, args.set, args.only)
     return run_experiment(exp, fresh=args.fresh, executor=args.executor, workers=args.workers)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from peftlab.config import load_experiment
+
+    exp = load_experiment(args.experiment, args.set, args.only)  # light: config errors come back at once
+    quiet_libraries()
     from peftlab.plan import format_plan, plan_experiment
 
-    exp = load_experiment(args.experiment, args.set, args.only)
     rows = plan_experiment(exp, log=lambda m: print(m, file=sys.stderr))
     if args.json:
         print(json.dumps([{**vars(r), "trainable_pct": r.trainable_pct} for r in rows], indent=2))
@@ -113,6 +118,7 @@ def cmd_assets(args: argparse.Namespace) -> int:
         raise InputError("assets fetch: name at least one asset (or --all); see `peftlab assets list`")
     for name in names:
         assets.get(name)  # every name is checked before anything is downloaded
+    quiet_libraries()  # a model asset's conversion loads transformers
     for name in names:
         assets.fetch(name)
     return EXIT_OK
@@ -200,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    quiet_libraries()
+    if args.verb not in LIGHT_VERBS:
+        quiet_libraries()
     handler: Callable[[argparse.Namespace], int] = args.func
     try:
         return handler(args)

@@ -127,29 +127,55 @@ KNOWN_CONFIGS["HuggingFaceTB/SmolLM2-135M-Instruct"] = {  # the offline asset sm
 }
 
 
+HUB_PROBED = "PEFTLAB_HUB_PROBED"  # "reachable" | "unreachable": decided once, inherited by workers
+
+
 def offline_unless_hub_reachable(timeout: float = 2.0) -> bool:
-    """Switch the HF libraries to offline mode when the hub's host cannot be reached; True if it did.
+    """Switch the HF libraries to offline mode when the hub cannot be reached; True if it did.
 
     Without this, every hub lookup of an unreachable hub is retried with back-off for about half a
     minute, so `plan` on a config naming hub models took minutes before falling back to
-    KNOWN_CONFIGS. Offline mode fails at once and still serves anything in the local HF cache. The
-    environment variable is set too, so worker processes inherit the decision.
+    KNOWN_CONFIGS. Offline mode fails at once and still serves anything in the local HF cache.
+    Called only where a hub id is about to be used (a hub model or dataset), never for configs that
+    name assets, local folders or random weights. It honours HF_HUB_OFFLINE (already offline: no
+    probe), HF_ENDPOINT (the host asked) and the proxy variables (an HTTP HEAD through urllib, which
+    reads them). The decision is put in the environment, so worker processes inherit it, not repeat it.
     """
-    import socket
-    from urllib.parse import urlparse
-
+    if _env_true("HF_HUB_OFFLINE"):
+        return False
+    decided = os.environ.get(HUB_PROBED)
+    if decided is None:
+        decided = (
+            "reachable"
+            if _answers(os.environ.get("HF_ENDPOINT") or "https://huggingface.co", timeout)
+            else "unreachable"
+        )
+        os.environ[HUB_PROBED] = decided
+    if decided == "reachable":
+        return False
+    os.environ["HF_HUB_OFFLINE"] = "1"
     import huggingface_hub.constants as hub_constants
 
-    if hub_constants.HF_HUB_OFFLINE:
-        return False
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    hub_constants.HF_HUB_OFFLINE = True
+    return True
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _answers(url: str, timeout: float) -> bool:
+    """True when the server at `url` answers at all (any HTTP status), through the configured proxies."""
+    import urllib.error
+    import urllib.request
+
     try:
-        socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout).close()
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return True  # it answered, with an error status: reachable
+    except (urllib.error.URLError, OSError, ValueError):
         return False
-    except OSError:
-        hub_constants.HF_HUB_OFFLINE = True
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        return True
+    return True
 
 
 @dataclass(frozen=True)
@@ -202,6 +228,7 @@ def resolve_model(spec: Any, base_dir: Path | None = None) -> ModelSource:
         local = base_dir / local
     if local.exists():
         return ModelSource(kind="local", ref=spec, path=str(local.resolve()))
+    offline_unless_hub_reachable()  # a hub id: find out once whether the hub answers
     return ModelSource(kind="hub", ref=spec, path=spec)
 
 

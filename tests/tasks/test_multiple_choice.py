@@ -7,9 +7,10 @@ import pytest
 from datasets import Dataset, DatasetDict
 
 from peftlab.data.continuations import build_items, check_cues, cut
+from peftlab.data.cues import cue_baselines, final_mark
 from peftlab.errors import InputError
 from peftlab.models import ModelSource, load_tokenizer
-from peftlab.tasks.multiple_choice import MultipleChoice, cue_baselines, final_mark
+from peftlab.tasks.multiple_choice import MultipleChoice
 
 
 @pytest.fixture(scope="module")

@@ -63,7 +63,7 @@ def build_items(
     snippets: list[dict[str, Any]], fractions: dict[str, float], seed: int
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
     """Snippets {id, text, group} -> multiple-choice items per split, and statistics for the manifest."""
-    from peftlab.tasks.multiple_choice import content_words, final_mark
+    from peftlab.data.cues import content_words, final_mark
 
     kept, dedup = deduplicate(snippets, key=lambda r: text_key(r["text"]), label="group")
     pieces = []
@@ -129,7 +129,7 @@ def check_cues(splits: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, f
     """Cue baselines fitted on train, accuracy per split; raises if a cue beats chance by > CUE_MARGIN."""
     from datasets import Dataset
 
-    from peftlab.tasks.multiple_choice import cue_baselines
+    from peftlab.data.cues import cue_baselines
 
     data = {name: Dataset.from_list(items) for name, items in splits.items()}
     results: dict[str, dict[str, float]] = {}

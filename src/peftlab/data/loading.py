@@ -252,6 +252,10 @@ def _load_asset(ref: str) -> tuple[dict[str, Dataset], str]:
 def _load_hub(spec: DataSpec | SourceSpec) -> dict[str, Dataset]:
     from datasets import load_dataset
 
+    from peftlab.models import offline_unless_hub_reachable
+
+    offline_unless_hub_reachable()
+
     try:
         loaded: Any = load_dataset(spec.source, spec.config_name)
     except Exception as exc:

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
-from torch import nn
+
+if TYPE_CHECKING:
+    from torch import nn
 
 # The rebuild callback a method's `load` receives: source=None builds the base task model from the
 # experiment's model, source=PATH builds it from a saved full model.
-BuildModel = Callable[[str | None], nn.Module]
+BuildModel = Callable[[str | None], "nn.Module"]
 
 
 class MethodSettings(BaseModel):

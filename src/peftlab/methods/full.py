@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from peftlab.methods.base import BuildModel, Method
 from peftlab.registry import METHODS
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @METHODS.register("full")

@@ -2,28 +2,29 @@
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import TYPE_CHECKING, Any
 
-from peft import IA3Config, PeftConfig
-from peft.utils.constants import (
-    TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING,
-    TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
-)
 from pydantic import Field
 
 from peftlab.methods.base import MethodSettings
 from peftlab.methods.peft_common import PeftMethod, default_targets
 from peftlab.registry import METHODS
 
-# PEFT's own per-architecture defaults, plus the architectures PEFT has none for.
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    **TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
-    "distilbert": ["k_lin", "v_lin", "lin2"],
-}
-DEFAULT_FEEDFORWARD: dict[str, list[str]] = {
-    **TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING,
-    "distilbert": ["lin2"],
-}
+if TYPE_CHECKING:  # PEFT loads when a model is adapted, not when a config is validated
+    from peft import PeftConfig
+
+
+@functools.cache
+def default_tables() -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """PEFT's own per-architecture defaults (targets, feed-forward), plus the architectures PEFT has none for."""
+    from peft.utils.constants import (
+        TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING,
+        TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
+    )
+
+    targets = {**TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING, "distilbert": ["k_lin", "v_lin", "lin2"]}
+    return targets, {**TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING, "distilbert": ["lin2"]}
 
 
 class IA3Settings(MethodSettings):
@@ -51,16 +52,19 @@ class IA3(PeftMethod):
     def resolve(self, model_type: str) -> dict[str, Any]:
         resolved = self.settings.model_dump()
         if resolved["target_modules"] is None:
-            resolved["target_modules"] = list(default_targets(DEFAULT_TARGETS, model_type, "target_modules", "ia3"))
+            targets, feedforward = default_tables()
+            resolved["target_modules"] = list(default_targets(targets, model_type, "target_modules", "ia3"))
             if resolved["feedforward_modules"] is None:
                 resolved["feedforward_modules"] = list(
-                    default_targets(DEFAULT_FEEDFORWARD, model_type, "feedforward_modules", "ia3")
+                    default_targets(feedforward, model_type, "feedforward_modules", "ia3")
                 )
         if resolved["feedforward_modules"] is None:
             resolved["feedforward_modules"] = []
         return resolved
 
     def peft_config(self, *, head_modules: list[str], task_type: str, model_type: str) -> PeftConfig:
+        from peft import IA3Config
+
         s = self.resolve(model_type)
         return IA3Config(
             task_type=task_type,

@@ -7,13 +7,11 @@ embeddings in fp32, input gradients) and gradient checkpointing is on; the adapt
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from peft import LoraConfig, PeftConfig, prepare_model_for_kbit_training
-from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from pydantic import Field, PositiveInt
-from torch import nn
 
 from peftlab.errors import InputError
 from peftlab.methods import quantize as quant
@@ -21,11 +19,17 @@ from peftlab.methods.base import BuildModel, MethodSettings
 from peftlab.methods.peft_common import PeftMethod, default_targets
 from peftlab.registry import METHODS
 
-# PEFT's own per-architecture defaults, plus the architectures PEFT has none for.
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    **TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
-    "distilbert": ["q_lin", "v_lin"],
-}
+if TYPE_CHECKING:  # PEFT and torch load when a model is adapted, not when a config is validated
+    from peft import PeftConfig
+    from torch import nn
+
+
+@functools.cache
+def default_target_table() -> dict[str, list[str]]:
+    """PEFT's own per-architecture defaults, plus the architectures PEFT has none for."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    return {**TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, "distilbert": ["q_lin", "v_lin"]}
 
 
 class LoraSettings(MethodSettings):
@@ -63,7 +67,9 @@ class Lora(PeftMethod):
             for key in ("quantize", "double_quant", "compute_dtype", "keep_modules"):
                 resolved.pop(key)
         if resolved["target_modules"] is None:
-            resolved["target_modules"] = list(default_targets(DEFAULT_TARGETS, model_type, "target_modules", "lora"))
+            resolved["target_modules"] = list(
+                default_targets(default_target_table(), model_type, "target_modules", "lora")
+            )
         return resolved
 
     @property
@@ -94,6 +100,8 @@ class Lora(PeftMethod):
 
     def apply(self, model: nn.Module, *, head_modules: list[str], task_type: str) -> nn.Module:
         if getattr(model, "is_loaded_in_4bit", False):
+            from peft import prepare_model_for_kbit_training
+
             model = prepare_model_for_kbit_training(
                 quant.keep_training_layout(model),
                 use_gradient_checkpointing=True,
@@ -105,6 +113,8 @@ class Lora(PeftMethod):
         return quant.keep_training_layout(super().load(build, directory))
 
     def peft_config(self, *, head_modules: list[str], task_type: str, model_type: str) -> PeftConfig:
+        from peft import LoraConfig
+
         s = self.resolve(model_type)
         return LoraConfig(
             task_type=task_type,

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from peft import PeftConfig, PeftModel, get_peft_model
-from torch import nn
+if TYPE_CHECKING:  # PEFT and torch load when a model is adapted, not when a config is validated
+    from peft import PeftConfig
+    from torch import nn
 
 from peftlab.methods.base import BuildModel, Method
 
@@ -20,6 +21,8 @@ class PeftMethod(Method):
     def apply(self, model: nn.Module, *, head_modules: list[str], task_type: str) -> nn.Module:
         model_type = getattr(getattr(model, "config", None), "model_type", "")
         config = self.peft_config(head_modules=head_modules, task_type=task_type, model_type=model_type)
+        from peft import get_peft_model
+
         return get_peft_model(model, config)
 
     def save(self, model: nn.Module, directory: Path) -> None:
@@ -27,6 +30,8 @@ class PeftMethod(Method):
         model.save_pretrained(directory)
 
     def load(self, build: BuildModel, directory: Path) -> nn.Module:
+        from peft import PeftModel
+
         model = PeftModel.from_pretrained(build(None), directory)
         model.eval()
         return model

@@ -11,10 +11,11 @@ cannot run is told before anything trains.
 from __future__ import annotations
 
 import functools
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch loads when a model is quantized, not when a config names `quantize`
+    import torch
+    from torch import nn
 
 Quantize = Literal["nf4", "fp4"]
 ComputeDtype = Literal["auto", "bf16", "fp16", "fp32"]
@@ -30,6 +31,8 @@ DOUBLE_QUANT_BLOCK = 256  # first-level scales per second-level block under doub
 
 def compute_dtype(requested: ComputeDtype) -> torch.dtype:
     """The dtype 4-bit layers compute in: bf16 where the hardware runs it natively, else fp16 (CUDA) or fp32."""
+    import torch
+
     if requested != "auto":
         return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[requested]
     from peftlab.engine import cpu_supports_bf16
@@ -55,6 +58,8 @@ def bnb_config(kind: Quantize, *, double_quant: bool, dtype: ComputeDtype, keep:
 @functools.lru_cache(maxsize=4)
 def probe(kind: Quantize = "nf4") -> str | None:
     """None when bitsandbytes runs a 4-bit layer forward and backward here, else why it cannot."""
+    import torch
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         import bitsandbytes as bnb
@@ -97,6 +102,8 @@ def quantized_bytes(model: nn.Module, *, double_quant: bool, keep: list[str]) ->
     Works on a meta-device model (no weights needed): 4-bit for every frozen nn.Linear weight that
     bitsandbytes would replace, 4 bytes (fp32) for every other frozen parameter.
     """
+    from torch import nn
+
     skip = set(KEEP_MODULES) | set(keep)
     quantized = {
         id(module.weight)

@@ -9,13 +9,15 @@ such as the label list are written back into them, so a run can rebuild its task
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from datasets import Dataset, DatasetDict
 from pydantic import BaseModel, ConfigDict
-from torch import nn
 
-from peftlab.models import ModelSource
+if TYPE_CHECKING:  # the heavy libraries load when a task works, not when a config is validated
+    from datasets import Dataset, DatasetDict
+    from torch import nn
+
+    from peftlab.models import ModelSource
 
 Prediction = dict[str, Any]
 

@@ -23,19 +23,21 @@ import inspect
 import re
 from collections import Counter
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import torch
-from datasets import Dataset, DatasetDict
 from pydantic import Field, model_validator
-from torch import nn
 
 from peftlab.errors import InputError
 from peftlab.models import ModelSource, instantiate
 from peftlab.registry import TASKS
 from peftlab.tasks.base import Prediction
 from peftlab.tasks.classification import Classification, ClassificationOptions
+
+if TYPE_CHECKING:
+    import torch
+    from datasets import Dataset, DatasetDict
+    from torch import nn
 
 DEFAULT_PROMPT = "{text}\n\nWhich of these labels fits the text above: {labels}?\nAnswer:"
 PLACEHOLDER = re.compile(r"\{(text|text_pair)\}")
@@ -204,6 +206,8 @@ class CausalClassification(Classification):
     # --- outputs ------------------------------------------------------------------------------
     def reduce_outputs(self, logits: Any, labels: Any) -> torch.Tensor:  # type: ignore[override]
         """Per batch, during prediction: the vocabulary-sized logits -> one score per label (or row)."""
+        import torch
+
         if self.options.head == "linear":
             return logits
         logits = logits[0] if isinstance(logits, tuple) else logits
@@ -237,6 +241,8 @@ def _pair(batch: dict[str, list], i: int) -> str | None:
 def answer_position(logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
     """Per row, the position (in `logits`) whose next-token distribution is the answer's first token:
     the one before the first label token, or the last position of a prompt-only row."""
+    import torch
+
     last = torch.full((logits.shape[0],), logits.shape[1] - 1, device=logits.device)
     if labels is None:
         return last
@@ -251,6 +257,8 @@ def answer_logprob(logits: torch.Tensor, labels: torch.Tensor, *, mean: bool = F
     `logits` may cover only the last positions (logits_to_keep): they are aligned with the end of
     `labels`. Token t is predicted by the logits at position t - 1.
     """
+    import torch
+
     labels = labels[:, -logits.shape[1] :].to(logits.device)
     logprobs = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)
     targets = labels[:, 1:]
@@ -264,6 +272,8 @@ class _Encoder:
     """The prompt as text around the example's text, and each label's answer tokens."""
 
     def __init__(self, task: CausalClassification, tokenizer: Any) -> None:
+        import torch
+
         self.tokenizer = tokenizer
         opts = task.options
         verbalizers = [task.verbalizer(label).strip() for label in task.labels]
@@ -354,6 +364,8 @@ class LeftPadCollator:
         self.keep = keep
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
         width = max(len(r["input_ids"]) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)

@@ -9,17 +9,19 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from datasets import Dataset, DatasetDict
 from pydantic import Field
-from torch import nn
 
 from peftlab.errors import InputError
 from peftlab.metrics import classification_metrics, softmax_rows
 from peftlab.models import ModelSource, instantiate
 from peftlab.registry import TASKS
 from peftlab.tasks.base import LabelledTask, Prediction, TaskOptions
+
+if TYPE_CHECKING:
+    from datasets import Dataset, DatasetDict
+    from torch import nn
 
 
 class ClassificationOptions(TaskOptions):
@@ -40,6 +42,8 @@ class Classification(LabelledTask):
 
     # --- data ---------------------------------------------------------------------------------
     def prepare(self, splits: DatasetDict, where: str) -> DatasetDict:
+        from datasets import DatasetDict
+
         canonical = DatasetDict({name: self._canonical(ds, f"{where} [{name}]") for name, ds in splits.items()})
         if self.options.labels is None:
             self.options.labels = sorted(set(canonical["train"]["label"]))
@@ -88,6 +92,8 @@ class Classification(LabelledTask):
             if opts.text_pair_field:
                 out["text_pair"] = row[opts.text_pair_field]
             rows.append(out)
+        from datasets import Dataset
+
         return Dataset.from_list(rows)
 
     def _check_labels(self, ds: Dataset, where: str) -> None:

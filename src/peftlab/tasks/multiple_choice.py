@@ -20,30 +20,21 @@ set they score about chance (1/N).
 from __future__ import annotations
 
 import re
-from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import numpy as np
-from datasets import Dataset, DatasetDict
 from pydantic import Field, PositiveInt
-from torch import nn
 
+from peftlab.data.cues import accuracy, cue_baselines
 from peftlab.errors import InputError
 from peftlab.metrics import softmax_rows
 from peftlab.models import ModelSource, instantiate
 from peftlab.registry import TASKS
 from peftlab.tasks.base import Prediction, Task, TaskOptions
 
-WORD = re.compile(r"[a-z0-9']+")
-# Words that say nothing about topic; overlap counts the rest (a short fixed list keeps the cue
-# reproducible without a stop-word dependency).
-_STOP_WORDS = (
-    "a an the and or but if of to in on at by for with from as is are was were be been it its this that these "
-    "those he she they we you i his her their our your my me him them us not no so than then there here what "
-    "which who whom how all any some more most such too very can will just do does did has have had"
-)
-STOP = frozenset(_STOP_WORDS.split())
+if TYPE_CHECKING:
+    from datasets import Dataset, DatasetDict
+    from torch import nn
 
 
 class MultipleChoiceOptions(TaskOptions):
@@ -54,16 +45,6 @@ class MultipleChoiceOptions(TaskOptions):
     )
     label_field: str = Field("label", description="index of the right ending")
     num_choices: PositiveInt | None = Field(None, ge=2, description="endings per item; default: from train")
-
-
-def content_words(text: str) -> set[str]:
-    return {w for w in WORD.findall(text.lower()) if w not in STOP}
-
-
-def final_mark(text: str) -> str:
-    """The ending's last character class: '.', '!', '?', other punctuation ('p') or none ('w')."""
-    last = text.rstrip()[-1:] or " "
-    return last if last in ".!?" else ("w" if last.isalnum() else "p")
 
 
 @TASKS.register("multiple_choice")
@@ -85,6 +66,8 @@ class MultipleChoice(Task):
 
     # --- data ---------------------------------------------------------------------------------
     def prepare(self, splits: DatasetDict, where: str) -> DatasetDict:
+        from datasets import DatasetDict
+
         return DatasetDict({name: self._canonical(ds, f"{where} [{name}]") for name, ds in splits.items()})
 
     def needs_data_to_build(self) -> bool:
@@ -151,6 +134,8 @@ class MultipleChoice(Task):
             label = self._label(row.get(self.options.label_field) if has_label else None, ref, labelled)
             start = (row.get(start_f) or "") if start_f else ""
             rows.append({"id": str(ids[i]), "context": context, "start": start, "endings": endings, "label": label})
+        from datasets import Dataset
+
         return Dataset.from_list(rows)
 
     def _label(self, value: Any, ref: str, labelled: bool) -> int | None:
@@ -216,7 +201,7 @@ class MultipleChoice(Task):
 
     def score(self, predictions: list[Prediction]) -> dict[str, Any]:
         return {
-            "accuracy": _accuracy(predictions),
+            "accuracy": accuracy(predictions),
             "n": len(predictions),
             "n_truncated": sum(1 for p in predictions if p.get("truncated")),
         }
@@ -244,70 +229,3 @@ class _ChoiceCollator:
         if "labels" in features[0]:
             out["labels"] = torch.tensor([f["labels"] for f in features], dtype=torch.long)
         return out
-
-
-# --- cue baselines ---------------------------------------------------------------------------
-
-Chooser = Callable[[dict[str, Any], np.random.Generator], int]
-Predictor = Callable[[Dataset], list[Prediction]]
-
-
-def ending_lengths(ex: dict[str, Any]) -> list[float]:
-    return [float(len(e.split())) for e in ex["endings"]]
-
-
-def ending_overlaps(ex: dict[str, Any]) -> list[float]:
-    """Content words each ending shares with the context (and start phrase)."""
-    context = content_words(f"{ex['context']} {ex['start']}")
-    return [float(len(context & content_words(e))) for e in ex["endings"]]
-
-
-# cue -> (name when higher wins, name when lower wins)
-CUES: dict[Callable[[dict[str, Any]], list[float]], tuple[str, str]] = {
-    ending_lengths: ("cue: longest ending", "cue: shortest ending"),
-    ending_overlaps: ("cue: most word overlap", "cue: least word overlap"),
-}
-
-
-def _argbest(scores: list[float], rng: np.random.Generator) -> int:
-    """Index of the highest score; ties broken at random (seeded), so a useless cue scores chance."""
-    top = max(scores)
-    tied = [i for i, s in enumerate(scores) if s == top]
-    return tied[0] if len(tied) == 1 else int(tied[rng.integers(len(tied))])
-
-
-def _predictor(choose: Chooser) -> Predictor:
-    def predict(examples: Dataset) -> list[Prediction]:
-        rng = np.random.default_rng(0)
-        return [{"id": ex["id"], "label": ex["label"], "prediction": choose(ex, rng)} for ex in examples]
-
-    return predict
-
-
-def _by_score(cue: Callable[[dict[str, Any]], list[float]], sign: float) -> Chooser:
-    return lambda ex, rng: _argbest([sign * s for s in cue(ex)], rng)
-
-
-def _accuracy(predictions: list[Prediction]) -> float:
-    return sum(p["prediction"] == p["label"] for p in predictions) / max(len(predictions), 1)
-
-
-def cue_baselines(train: Dataset) -> dict[str, Predictor]:
-    """Model-free predictors from surface cues, each fitted on train (direction, mark, position)."""
-    baselines: dict[str, Predictor] = {}
-    for cue, names in CUES.items():
-        sign = max((1.0, -1.0), key=lambda s, cue=cue: _accuracy(_predictor(_by_score(cue, s))(train)))
-        baselines[names[0] if sign > 0 else names[1]] = _predictor(_by_score(cue, sign))
-    hits: Counter = Counter()
-    seen: Counter = Counter()
-    for ex in train:
-        marks = [final_mark(e) for e in ex["endings"]]
-        seen.update(marks)
-        hits[marks[ex["label"]]] += 1
-    rate = {mark: hits[mark] / seen[mark] for mark in seen}  # how often an ending with this mark is right
-    baselines["cue: final punctuation"] = _predictor(
-        lambda ex, rng: _argbest([rate.get(final_mark(e), 0.0) for e in ex["endings"]], rng)
-    )
-    position = Counter(train["label"]).most_common(1)[0][0]
-    baselines["most frequent position"] = _predictor(lambda ex, rng: position)
-    return baselines

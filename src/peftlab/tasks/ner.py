@@ -30,17 +30,19 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Callable
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
-from datasets import Dataset, DatasetDict
 from pydantic import Field
-from torch import nn
 
 from peftlab.errors import InputError
 from peftlab.models import ModelSource, instantiate
 from peftlab.registry import TASKS
 from peftlab.tasks.base import LabelledTask, Prediction, TaskOptions
+
+if TYPE_CHECKING:
+    from datasets import Dataset, DatasetDict
+    from torch import nn
 
 BIO = re.compile(r"^(O|[BI]-.+)$")
 TAG_FIELDS = ("tags", "ner_tags")
@@ -86,6 +88,8 @@ class Ner(LabelledTask):
         names = self._tag_names(splits["train"]) if "train" in splits else None
         if self.options.labels is None:
             self.options.labels = names
+        from datasets import DatasetDict
+
         canonical = DatasetDict({name: self._canonical(ds, f"{where} [{name}]") for name, ds in splits.items()})
         if self.options.labels is None:  # every split's tags: a train limit must not drop a rare type
             self.options.labels = bio_labels({tag for ds in canonical.values() for tags in ds["tags"] for tag in tags})
@@ -146,6 +150,8 @@ class Ner(LabelledTask):
             if tags is not None and len(tags) != len(tokens):
                 raise InputError(f"{ref}: {len(tokens)} words but {len(tags)} tags")
             rows.append({"id": str(ids[i]), "tokens": tokens, "tags": tags})
+        from datasets import Dataset
+
         return Dataset.from_list(rows)
 
     def _tag_strings(self, tags: Any, names: list[str] | None, ref: str) -> list[str] | None:

@@ -17,12 +17,10 @@ are SQuAD v1.1 exact match and F1 (qa_metrics.py), x100 like the official script
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-from datasets import Dataset, DatasetDict
 from pydantic import Field, PositiveInt
-from torch import nn
 
 from peftlab.errors import InputError
 from peftlab.models import ModelSource, instantiate
@@ -30,6 +28,10 @@ from peftlab.registry import TASKS
 from peftlab.tasks.base import Prediction, Task, TaskOptions
 from peftlab.tasks.qa_metrics import best_over_truths, exact_match_score, squad_scores
 from peftlab.tasks.qa_postprocess import best_spans
+
+if TYPE_CHECKING:
+    from datasets import Dataset, DatasetDict
+    from torch import nn
 
 NO_ANSWER = "[No answer found]"
 EXPECTED_FORMAT = (
@@ -62,6 +64,8 @@ class QuestionAnswering(Task):
 
     # --- data ---------------------------------------------------------------------------------
     def prepare(self, splits: DatasetDict, where: str) -> DatasetDict:
+        from datasets import DatasetDict
+
         return DatasetDict({name: self._canonical(ds, f"{where} [{name}]", True) for name, ds in splits.items()})
 
     def examples_from_rows(self, rows: Dataset, where: str, labelled: bool = True) -> Dataset:
@@ -101,6 +105,8 @@ class QuestionAnswering(Task):
             rows.append(
                 {"id": ex_id, "question": question, "context": context, "answers": texts, "answer_starts": starts}
             )
+        from datasets import Dataset
+
         return Dataset.from_list(rows)
 
     # --- model --------------------------------------------------------------------------------
