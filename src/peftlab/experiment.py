@@ -29,7 +29,17 @@ from peftlab.executor import jobs_for, require_ray, run_in_processes, run_in_ray
 from peftlab.methods import METHODS, count_parameters
 from peftlab.models import ModelSource, load_config, load_tokenizer, resolve_model
 from peftlab.slices import score_with_sources, source_counts, source_map
-from peftlab.store import DONE, FAILED, RUNNING, ExperimentDir, RunDir, write_json, write_jsonl, write_yaml
+from peftlab.store import (
+    DONE,
+    FAILED,
+    RUNNING,
+    ExperimentDir,
+    RunDir,
+    follow_umask,
+    write_json,
+    write_jsonl,
+    write_yaml,
+)
 from peftlab.sweep import run_meta, run_protocol
 from peftlab.tasks import TASKS, Task
 
@@ -414,6 +424,7 @@ def train_and_evaluate(prep: Prepared, run: RunSpec, folder: RunDir, log: Log) -
     if run.save_model:
         method.save(model, folder.adapter_dir)
         prep.tokenizer.save_pretrained(folder.adapter_dir)
+        follow_umask(folder.adapter_dir)  # safetensors writes its files private (0600)
     epochs = max(result.epochs_run, 1e-9)
     metrics = {
         "run": run.name,

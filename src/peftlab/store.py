@@ -3,6 +3,9 @@
 Layout (DESIGN.md):  runs/<experiment>/{experiment.yaml, report.*, results.csv, <run>/...}
 Each write goes to a temp file in the same folder and is renamed over the target, so a crash
 never leaves a half-written JSON/YAML file and readers see either the old or the new content.
+Files and folders get the modes the process umask gives any Unix tool's output (0644 / 0755 under
+the usual 022), not the private 0600 of a temp file: colleagues, web servers and Ray workers running
+as other users must be able to read results.
 """
 
 from __future__ import annotations
@@ -20,12 +23,38 @@ import yaml
 PENDING, RUNNING, DONE, FAILED = "pending", "running", "done", "failed"
 
 
+def current_umask() -> int:
+    """The process umask (Linux reports it in /proc; elsewhere it is read by setting it back at once)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: Path) -> None:
+    """Give `path` (and everything under a folder) the modes open() and mkdir() would have given.
+
+    Temp files (mkstemp), temp folders (mkdtemp) and files some libraries write through them
+    (safetensors) are private (0600 / 0700) and keep that mode through a rename.
+    """
+    mask = current_umask()
+    for item in [path, *(path.rglob("*") if path.is_dir() else [])]:
+        if not item.is_symlink():
+            item.chmod((0o777 if item.is_dir() else 0o666) & ~mask)
+
+
 def write_atomic(path: Path, text: str | bytes) -> None:
-    """Write text or bytes to `path` through a temp file + rename (atomic on POSIX)."""
+    """Write text or bytes to `path` through a temp file + rename (atomic on POSIX), mode per umask."""
     path.parent.mkdir(parents=True, exist_ok=True)
     data = text.encode("utf-8") if isinstance(text, str) else text
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from peftlab.errors import InputError, did_you_mean
-from peftlab.store import read_json, write_json
+from peftlab.store import follow_umask, read_json, write_json
 
 MANIFEST = "manifest.json"
 
@@ -249,6 +249,7 @@ def _build(asset: Asset, wheel: Path, folder: Path) -> None:
             for p in sorted(staging.rglob("*"))
             if p.is_file()
         }
+        follow_umask(staging)  # mkdtemp made it private; the asset is for every user of the cache
         write_json(
             staging / MANIFEST,
             {
