@@ -47,7 +47,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     quiet_libraries()
     from peftlab.experiment import run_experiment
 
-    return run_experiment(exp, fresh=args.fresh, executor=args.executor, workers=args.workers)
+    return run_experiment(exp, fresh=args.fresh, executor=args.executor, workers=args.workers, wait=args.wait)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -148,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--fresh",
         action="store_true",
         help="move runs that exist with other settings aside (to <run>.replaced-<time>) and rerun them",
+    )
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="if another `peftlab run` is writing this experiment, wait for it to finish instead of exiting",
     )
     p.add_argument(
         "--executor",

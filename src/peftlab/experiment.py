@@ -34,6 +34,7 @@ from peftlab.store import (
     FAILED,
     RUNNING,
     ExperimentDir,
+    ExperimentLock,
     RunDir,
     follow_umask,
     write_json,
@@ -256,17 +257,24 @@ def run_experiment(
     fresh: bool = False,
     executor: str | None = None,
     workers: int = 1,
+    wait: bool = False,
     log: Log = log_line,
 ) -> int:
     """Train and evaluate every run of the experiment, then write the report. Returns an exit code.
 
-    `executor` (process | inline | ray) overrides the experiment file's `executor.name`.
+    `executor` (process | inline | ray) overrides the experiment file's `executor.name`. The
+    experiment folder is locked for the whole run (store.ExperimentLock; `wait`: queue behind a holder).
     """
     if workers < 1:
         raise InputError(f"--workers: expected a number >= 1, got {workers}")
     kind = executor or exp.spec.executor.name
     if kind == "ray":
         require_ray()
+    with ExperimentLock(exp.runs_dir, wait=wait, log=log):
+        return _run_locked(exp, fresh, kind, workers, log)
+
+
+def _run_locked(exp: LoadedExperiment, fresh: bool, kind: str, workers: int, log: Log) -> int:
     engine.set_threads()
     preps = [prepare(group, log) for group in exp.groups()]
     for prep in preps:

@@ -10,11 +10,14 @@ as other users must be able to read results.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import socket
+import sys
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -194,3 +197,99 @@ class ExperimentDir:
     def baselines_for(self, group: str) -> Path:
         """Baselines of one (model, task) group of a multi-task experiment ('' = the experiment's own)."""
         return self.path / self.BASELINES / group / "metrics.json" if group else self.baselines_file
+
+
+class ExperimentLock:
+    """One `peftlab run` writes an experiment folder at a time.
+
+    An advisory lock (flock) on `<folder>/.lock`, which also records who holds it (pid, host, start,
+    command). The kernel releases the lock when its process dies, however it dies, so a lock is never
+    stale: a lock file whose holder died is taken over (and said). A second `run` on a held folder
+    fails (InputError naming the holder) or, with wait=True, waits. Workers and Ray tasks write only
+    their own run folders and take no lock; `report`, `eval` and `plan` need none.
+    flock works between processes of one host (and on most network filesystems between hosts; where
+    it does not, runs on two hosts are not kept apart).
+    """
+
+    NAME = ".lock"
+
+    def __init__(self, folder: Path, *, wait: bool = False, log: Callable[[str], None] = print) -> None:
+        self.path = folder / self.NAME
+        self.wait = wait
+        self.log = log
+        self.handle: Any = None
+
+    def __enter__(self) -> ExperimentLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = self.path.open("a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self._describe(self._holder(handle))
+            if not self.wait:
+                handle.close()
+                from peftlab.errors import InputError
+
+                raise InputError(
+                    f"{self.path.parent} is being written by {holder}; nothing was started. Wait for it to "
+                    "finish (or stop it), or pass --wait to start when it does"
+                ) from None
+            self.log(f"waiting for {holder} to finish writing {self.path.parent} ...")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        previous = self._holder(handle)
+        if previous.get("pid") and not _alive(previous):
+            self.log(f"took over the lock of {self._describe(previous)}, which is no longer running")
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps(_me()) + "\n")
+        handle.flush()
+        self.handle = handle
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.handle is not None:
+            self.handle.seek(0)
+            self.handle.truncate()  # released cleanly: nobody to take over from
+            self.handle.flush()
+            fcntl.flock(self.handle, fcntl.LOCK_UN)
+            self.handle.close()
+            self.handle = None
+
+    @staticmethod
+    def _holder(handle: Any) -> dict[str, Any]:
+        handle.seek(0)
+        try:
+            data = json.loads(handle.read() or "{}")
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    @staticmethod
+    def _describe(holder: dict[str, Any]) -> str:
+        if not holder:
+            return "another peftlab process"
+        return (
+            f"pid {holder.get('pid')} on {holder.get('host')} (since {holder.get('started')}: {holder.get('command')})"
+        )
+
+
+def _me() -> dict[str, Any]:
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "command": " ".join(["peftlab", *sys.argv[1:]]) if sys.argv else "peftlab",
+    }
+
+
+def _alive(holder: dict[str, Any]) -> bool:
+    """Whether the recorded holder still runs (on another host: assumed so, it cannot be checked)."""
+    if holder.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError, TypeError):
+        return True
+    return True
