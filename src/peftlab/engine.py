@@ -306,6 +306,22 @@ def _callback_class() -> type:
     return RunCallback
 
 
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite: the run stops at once (its status says where)."""
+
+
+def _stop_on_non_finite_loss(model: nn.Module) -> Any:
+    """A forward hook that raises NonFiniteLoss as soon as a training forward pass returns a NaN or
+    infinite loss (the Trainer logs losses once per epoch; a diverged run would waste the rest of it)."""
+
+    def check(module: nn.Module, args: Any, output: Any) -> None:
+        loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
+        if module.training and loss is not None and not bool(torch.isfinite(loss.detach()).all()):
+            raise NonFiniteLoss(f"the training loss became {float(loss.detach().float().mean())}")
+
+    return model.register_forward_hook(check)
+
+
 @dataclass
 class TrainResult:
     """What training measured."""
@@ -369,8 +385,18 @@ def train(
         preprocess_logits_for_metrics=reduce if validation_metrics and has_eval else None,
     )
     _quiet(trainer)
-    with PeakMemory() as memory:
-        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    hook = _stop_on_non_finite_loss(model)
+    try:
+        with PeakMemory() as memory:
+            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except NonFiniteLoss as exc:
+        lr = trainer.lr_scheduler.get_last_lr()[0] if trainer.lr_scheduler is not None else spec.lr
+        raise NonFiniteLoss(
+            f"{exc} at step {trainer.state.global_step + 1} (epoch {float(trainer.state.epoch or 0):.2f}, learning "
+            f"rate {lr:.3g}): training diverged; lower train.lr (e.g. by 10x) or set max_grad_norm lower"
+        ) from None
+    finally:
+        hook.remove()
     history = history_rows(trainer.state.log_history)
     best_epoch = _best_epoch(trainer.state, history) if monitor is not None else None
     write_jsonl(run.history_file, history)
