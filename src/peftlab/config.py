@@ -428,14 +428,50 @@ _Loader.add_implicit_resolver(
 )
 
 
+MAX_CONFIG_BYTES = 1 << 20  # an experiment or examples file; anything larger is not one
+MAX_YAML_NODES = 100_000  # after alias expansion: a few hundred bytes of nested aliases can mean billions
+
+
 def parse_yaml(text: str, source: str) -> Any:
-    """Parse YAML text; a syntax error becomes an InputError naming the file and line."""
+    """Parse YAML text; a syntax error becomes an InputError naming the file and line.
+
+    Aliases are expanded only after counting what they expand to, so a "billion laughs" document
+    is rejected at once instead of consuming minutes and memory in the code that walks it.
+    """
+    loader = _Loader(text)
     try:
-        return yaml.load(text, Loader=_Loader)
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        size = _expanded_size(node, {})
+        if size > MAX_YAML_NODES:
+            raise InputError(
+                f"{source}: its aliases expand to {size:,} values (at most {MAX_YAML_NODES:,}); "
+                "an experiment file needs far fewer"
+            )
+        return loader.construct_document(node)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else source
         raise InputError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    except RecursionError:
+        raise InputError(f"{source}: nested too deep to be a peftlab file") from None
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
+    """Values in the document once every alias is expanded (shared nodes counted once per use)."""
+    if id(node) in memo:
+        return memo[id(node)]
+    if isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    elif isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(item, memo) for item in node.value)
+    else:
+        size = 1
+    memo[id(node)] = size
+    return size
 
 
 def line_index(text: str) -> dict[tuple[str, ...], int]:
@@ -610,10 +646,12 @@ def load_experiment(
     path: str | Path, overrides: list[str] | None = None, only: list[str] | None = None
 ) -> LoadedExperiment:
     """Read, override, validate and resolve an experiment file. Raises InputError on any problem."""
+    from peftlab.store import read_text
+
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such experiment file")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, max_bytes=MAX_CONFIG_BYTES)
     raw = parse_yaml(text, str(path))
     if not isinstance(raw, dict):
         raise InputError(f"{path}: expected a mapping of keys (name, model, task, data, methods, ...)")

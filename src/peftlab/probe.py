@@ -23,10 +23,10 @@ from typing import Any
 
 from datasets import Dataset
 
-from peftlab.config import parse_yaml
+from peftlab.config import MAX_CONFIG_BYTES, parse_yaml
 from peftlab.errors import InputError
 from peftlab.report.render import Heading, Paragraph, Table, to_markdown
-from peftlab.store import RunDir, read_jsonl, write_atomic, write_jsonl
+from peftlab.store import RunDir, read_jsonl, read_text, write_atomic, write_jsonl
 from peftlab.trained import load_run
 
 MATCH, MISS = "✓", "✗"
@@ -58,7 +58,7 @@ def read_examples(path: Path) -> list[ProbeExample]:
     if path.suffix.lower() == ".jsonl":
         items: Any = read_jsonl(path)
     else:
-        items = parse_yaml(path.read_text(encoding="utf-8"), str(path))
+        items = parse_yaml(read_text(path, max_bytes=MAX_CONFIG_BYTES), str(path))
         items = items.get("examples") if isinstance(items, dict) else items
     if not isinstance(items, list) or not items:
         raise InputError(f"{path}: expected a non-empty list of examples (or a mapping with `examples:`)")

@@ -80,9 +80,50 @@ def write_yaml(path: Path, data: Any) -> None:
     write_atomic(path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
 
 
-def read_json(path: Path, default: Any = None) -> Any:
+def read_text(path: Path, *, max_bytes: int | None = None) -> str:
+    """A UTF-8 text file; InputError naming the file (and line) when it cannot be read as one.
+
+    Any file peftlab reads may be hostile or damaged: another encoding, binary, a folder, unreadable,
+    or (with max_bytes) far larger than such a file can be.
+    """
+    from peftlab.errors import InputError
+
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        if max_bytes is not None and path.stat().st_size > max_bytes:
+            raise InputError(f"{path}: {path.stat().st_size:,} bytes; a file of this kind has at most {max_bytes:,}")
+        data = path.read_bytes()
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a folder, expected a file") from None
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise InputError(
+            f"{path}:{line}: not valid UTF-8 text (byte {exc.start}: {data[exc.start : exc.start + 1]!r}); "
+            "save the file as UTF-8"
+        ) from None
+
+
+def parse_json(text: str, where: str) -> Any:
+    """json.loads with an InputError naming `where` for invalid or absurdly deep JSON."""
+    from peftlab.errors import InputError
+
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{where}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise InputError(f"{where}: JSON nested too deep to be a peftlab file") from None
+
+
+def read_json(path: Path, default: Any = None) -> Any:
+    """A JSON file (default when it does not exist); InputError naming it when it is damaged."""
+    try:
+        return parse_json(read_text(path), str(path))
     except FileNotFoundError:
         return default
 
@@ -93,16 +134,21 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            from peftlab.errors import InputError
-
-            raise InputError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    for number, line in enumerate(read_text(path).split("\n"), start=1):
+        if line.strip():
+            rows.append(_line(line, path, number))
     return rows
+
+
+def _line(line: str, path: Path, number: int) -> Any:
+    from peftlab.errors import InputError
+
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise InputError(f"{path}:{number}: JSON nested too deep") from None
 
 
 def _jsonable(value: Any) -> Any:
@@ -112,6 +158,21 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _yaml_file(path: Path) -> dict[str, Any]:
+    """A YAML mapping peftlab wrote ({} when missing); InputError naming it when damaged."""
+    if not path.exists():
+        return {}
+    from peftlab.errors import InputError
+
+    try:
+        data = yaml.safe_load(read_text(path))
+    except yaml.YAMLError as exc:
+        raise InputError(f"{path}: damaged ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: damaged (expected a mapping)")
+    return data
 
 
 class RunDir:
@@ -142,7 +203,7 @@ class RunDir:
         write_json(self.status_file, status)
 
     def config(self) -> dict[str, Any]:
-        return yaml.safe_load(self.config_file.read_text(encoding="utf-8")) if self.config_file.exists() else {}
+        return _yaml_file(self.config_file)
 
     def metrics(self) -> dict[str, Any]:
         return read_json(self.metrics_file, {})
@@ -188,7 +249,7 @@ class ExperimentDir:
 
     def experiment(self) -> dict[str, Any]:
         path = self.path / "experiment.yaml"
-        return yaml.safe_load(path.read_text(encoding="utf-8")) if path.exists() else {}
+        return _yaml_file(path)
 
     @property
     def baselines_file(self) -> Path:

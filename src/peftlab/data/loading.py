@@ -21,7 +21,7 @@ from datasets import Dataset, DatasetDict
 
 from peftlab.config import SPLITS, DataSpec, SourceSpec
 from peftlab.errors import InputError
-from peftlab.store import read_jsonl
+from peftlab.store import read_jsonl, read_text
 
 FILE_TYPES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".conll": "conll"}
 
@@ -218,7 +218,7 @@ def _read_file(path: Path) -> Dataset:
     if kind == "conll":
         from peftlab.data.conll import parse_conll
 
-        rows = parse_conll(path.read_text(encoding="utf-8"), str(path), prefix=path.stem)
+        rows = parse_conll(read_text(path), str(path), prefix=path.stem)
         if not rows:
             raise InputError(f"{path}: no sentences (expected token<TAB>tag lines, a blank line between sentences)")
         return Dataset.from_list(rows)

@@ -27,9 +27,11 @@ def is_squad_document(doc: Any) -> bool:
 
 def read_squad_json(path: Path) -> list[dict[str, Any]] | None:
     """The rows of a SQuAD JSON document, or None when the file is not one (e.g. JSON lines)."""
+    from peftlab.store import read_text
+
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        doc = json.loads(read_text(path))
+    except (json.JSONDecodeError, RecursionError):
         return None
     if not is_squad_document(doc):
         return None
