@@ -82,3 +82,17 @@ def test_sources_resolve_by_form(tmp_path) -> None:
     assert resolve_model(str(tmp_path)).kind == "local"
     random = resolve_model({"arch": "bert", "random_init": True, "config": {"hidden_size": 32}})
     assert (random.kind, random.arch, random.overrides) == ("random", "bert", {"hidden_size": 32})
+
+
+def test_only_safetensors_weights_are_loaded(tmp_path) -> None:
+    import torch
+    from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+
+    from peftlab.errors import InputError
+    from peftlab.models import instantiate
+
+    config = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    config.save_pretrained(tmp_path)
+    torch.save(BertForSequenceClassification(config).state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(InputError, match="no safetensors weights .* loads weights only from .safetensors files"):
+        instantiate(AutoModelForSequenceClassification, resolve_model(str(tmp_path)), num_labels=2)

@@ -247,6 +247,12 @@ def _quiet_transformers():
 
 
 def _hub_error(source: ModelSource, exc: Exception) -> InputError:
+    if "safetensors" in str(exc):
+        return InputError(
+            f"model '{source.ref}': no safetensors weights ({str(exc).splitlines()[0][:200]}). peftlab loads "
+            "weights only from .safetensors files (a pickled .bin checkpoint can run code when loaded); "
+            "convert it once with transformers: AutoModel...from_pretrained(folder).save_pretrained(folder)"
+        )
     return InputError(
         f"model '{source.ref}': cannot load it ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). "
         "If the Hugging Face Hub is unreachable here, use an offline asset (peftlab assets list), "
@@ -271,7 +277,7 @@ def load_config(source: ModelSource, *, allow_known: bool = False) -> tuple[Any,
             raise InputError(f"model.arch: {exc}") from None
     try:
         with _quiet_transformers():
-            return AutoConfig.from_pretrained(source.path), None
+            return AutoConfig.from_pretrained(source.path, **SAFE_LOADING), None
     except Exception as exc:
         if allow_known and source.kind == "hub" and source.ref in KNOWN_CONFIGS:
             data = dict(KNOWN_CONFIGS[source.ref])
@@ -295,7 +301,7 @@ def load_tokenizer(source: ModelSource) -> Any:
         else:
             ref = resolve_model(ref).path if ref.startswith("asset:") else ref
             with _quiet_transformers():
-                tok = AutoTokenizer.from_pretrained(ref)
+                tok = AutoTokenizer.from_pretrained(ref, **SAFE_LOADING)
     except InputError:
         raise
     except Exception as exc:
@@ -358,9 +364,14 @@ def _reload(auto_cls: Any, model: Any, load_kwargs: dict[str, Any]) -> Any:
     return loaded
 
 
+# Model code from a hub repository never runs, and weights load only from safetensors files (a pickled
+# .bin checkpoint can run code when it is unpickled): a model file is input like any other.
+SAFE_LOADING: dict[str, Any] = {"trust_remote_code": False}
+
+
 def _from_pretrained(auto_cls: Any, source: ModelSource, updates: dict[str, Any], load_kwargs: dict[str, Any]) -> Any:
     try:
         with _quiet_transformers():
-            return auto_cls.from_pretrained(source.path, **updates, **load_kwargs)
+            return auto_cls.from_pretrained(source.path, **updates, **SAFE_LOADING, use_safetensors=True, **load_kwargs)
     except (OSError, ValueError) as exc:
         raise _hub_error(source, exc) from None
