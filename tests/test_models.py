@@ -94,5 +94,5 @@ def test_only_safetensors_weights_are_loaded(tmp_path) -> None:
     config = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
     config.save_pretrained(tmp_path)
     torch.save(BertForSequenceClassification(config).state_dict(), tmp_path / "pytorch_model.bin")
-    with pytest.raises(InputError, match="no safetensors weights .* loads weights only from .safetensors files"):
+    with pytest.raises(InputError, match=r"no safetensors weights .* loads weights only from .safetensors files"):
         instantiate(AutoModelForSequenceClassification, resolve_model(str(tmp_path)), num_labels=2)
