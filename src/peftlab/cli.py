@@ -47,7 +47,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     quiet_libraries()
     from peftlab.experiment import run_experiment
 
-    return run_experiment(exp, fresh=args.fresh, executor=args.executor, workers=args.workers, wait=args.wait)
+    fresh = args.fresh if args.fresh else args.fresh is not None  # [] (no names) = every changed run
+    return run_experiment(exp, fresh=fresh, executor=args.executor, workers=args.workers, wait=args.wait)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -146,8 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     experiment_args(p)
     p.add_argument(
         "--fresh",
-        action="store_true",
-        help="move runs that exist with other settings aside (to <run>.replaced-<time>) and rerun them",
+        nargs="*",
+        metavar="RUN",
+        default=None,
+        help="move runs that exist with other settings aside (to <run>.replaced-<time>) and rerun them; "
+        "with run names: move exactly those runs aside (e.g. a damaged one) and retrain them",
     )
     p.add_argument(
         "--wait",

@@ -27,8 +27,9 @@ import torch
 from datasets import Dataset
 from torch import nn
 
+from peftlab import faults, integrity
 from peftlab.config import TrainSpec
-from peftlab.store import RunDir, write_jsonl
+from peftlab.store import CHECKPOINT_RECORD, RunDir, follow_umask, write_json, write_jsonl
 
 Log = Callable[[str], None]
 
@@ -207,7 +208,9 @@ def training_arguments(
         logging_strategy="epoch",
         save_strategy="steps" if per_steps else "epoch",
         save_steps=spec.checkpoint_every if per_steps else 500,
-        save_total_limit=1,
+        # Two: while a new checkpoint is written, the previous complete one is still there to fall
+        # back to (a checkpoint is complete when its record is written, see on_save below).
+        save_total_limit=2,
         report_to=[],
         disable_tqdm=quiet or not sys.stderr.isatty(),
         include_num_input_tokens_seen="non_padding",
@@ -288,6 +291,17 @@ def _callback_class() -> type:
             if logs and "loss" in logs and args.eval_strategy == "no":
                 self._print(state)
 
+        def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            """Mark the checkpoint just written complete: a record of its files, written last."""
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                faults.point("checkpoint")  # kill point: the Trainer wrote the files, the record is not there
+                follow_umask(folder)
+                write_json(folder / CHECKPOINT_RECORD, integrity.record(folder, [folder]))
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            faults.point("train_step")
+
         def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict | None = None, **kw: Any) -> None:
             write_jsonl(self.history_file, history_rows(state.log_history))
             self._print(state)
@@ -366,7 +380,7 @@ def train(
     """
     from transformers import EarlyStoppingCallback, Trainer
 
-    resume = run.latest_checkpoint()
+    resume = run.latest_checkpoint(lambda message: log(f"[{label}] {message}"))
     if resume is not None:
         log(f"[{label}] resuming from {resume.name}")
     has_eval = eval_set is not None

@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import re
 import shutil
 import time
 import traceback
@@ -21,7 +23,7 @@ from typing import Any
 
 from datasets import Dataset, DatasetDict
 
-from peftlab import engine
+from peftlab import engine, faults
 from peftlab.config import DataSpec, ExtraEvalSpec, LoadedExperiment, RunSpec
 from peftlab.data.loading import describe_source, load_rows, load_splits
 from peftlab.errors import EXIT_OK, EXIT_RUN_FAILED, InputError, did_you_mean
@@ -37,6 +39,8 @@ from peftlab.store import (
     ExperimentLock,
     RunDir,
     follow_umask,
+    remove_stale_temp_files,
+    write_atomic,
     write_json,
     write_jsonl,
     write_yaml,
@@ -121,6 +125,7 @@ def prepare(exp: LoadedExperiment, log: Log = log_line) -> Prepared:
         monitor_for(task, run)  # an early-stopping metric the task does not report fails here
     needed = tuple(dict.fromkeys(["train", "validation", *spec.evaluate.splits]))
     log(f"data: {_label(exp)}{describe_source(spec.data)}")
+    faults.point("prepare")
     try:
         splits = load_splits(spec.data, exp.base_dir, needed)
         examples = task.prepare(splits, describe_source(spec.data))
@@ -212,27 +217,44 @@ def _check_monitors_are_measured(exp: LoadedExperiment, task: Task) -> None:
             )
 
 
-def check_existing(prep: Prepared, fresh: bool, log: Log, runs: list[RunSpec] | None = None) -> None:
-    """A run folder written with other settings is an error unless --fresh moves it aside."""
+Fresh = bool | list[str]  # --fresh: True = every run whose settings changed; names = exactly those runs
+
+
+def check_existing(prep: Prepared, fresh: Fresh, log: Log, runs: list[RunSpec] | None = None) -> None:
+    """Before anything trains: a run folder written with other settings, or a finished run whose files
+    are damaged, is an error unless --fresh moves it aside (to retrain it)."""
     conflicts = []
     for run in prep.exp.runs if runs is None else runs:
         folder = prep.store.run(run.name)
-        old = folder.config()
-        if not old or old.get("fingerprint") == run_config(prep, run)["fingerprint"]:
+        why = _why_not_reusable(prep, run, folder)
+        named = isinstance(fresh, list) and run.name in fresh
+        if why is None and not named:
             continue
-        if fresh:
-            backup = folder.path.with_name(f"{folder.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-            folder.path.rename(backup)
-            log(f"[{run.name}] settings changed: moved the old run to {backup.name}")
+        if named or (fresh is True and why is not None and why.startswith("settings")):
+            if folder.path.exists():
+                backup = folder.path.with_name(f"{folder.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+                folder.path.rename(backup)
+                log(f"[{run.name}] {why or 'asked for afresh'}: moved the old run to {backup.name}")
         else:
-            changed = _changed_keys(old, run_config(prep, run))
-            conflicts.append(f"{folder.path}: was run with other settings ({', '.join(changed)})")
+            conflicts.append(f"{folder.path}: {why}")
     if conflicts:
         raise InputError(
-            "runs exist with different settings; nothing was trained. Give the experiment another "
-            "name, or pass --fresh to move the old runs aside:",
+            "runs exist that cannot be reused as they are; nothing was trained. Give the experiment another "
+            "name, pass --fresh to move runs with changed settings aside, or --fresh RUN... to retrain named runs:",
             problems=conflicts,
         )
+
+
+def _why_not_reusable(prep: Prepared, run: RunSpec, folder: RunDir) -> str | None:
+    """'settings changed (...)' or 'damaged (...)' for an existing run folder; None when it is fine."""
+    try:
+        old = folder.config()
+    except InputError as exc:
+        return f"damaged ({exc})"
+    if old and old.get("fingerprint") != run_config(prep, run)["fingerprint"]:
+        return f"settings changed ({', '.join(_changed_keys(old, run_config(prep, run)))})"
+    damage = folder.damage()
+    return None if damage is None else f"damaged ({damage}); retrain it with --fresh {run.name}"
 
 
 def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -254,7 +276,7 @@ def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") ->
 def run_experiment(
     exp: LoadedExperiment,
     *,
-    fresh: bool = False,
+    fresh: Fresh = False,
     executor: str | None = None,
     workers: int = 1,
     wait: bool = False,
@@ -274,7 +296,10 @@ def run_experiment(
         return _run_locked(exp, fresh, kind, workers, log)
 
 
-def _run_locked(exp: LoadedExperiment, fresh: bool, kind: str, workers: int, log: Log) -> int:
+def _run_locked(exp: LoadedExperiment, fresh: Fresh, kind: str, workers: int, log: Log) -> int:
+    removed = remove_stale_temp_files(exp.runs_dir)
+    if removed:
+        log(f"removed {removed} temp file(s) an interrupted run left in {exp.runs_dir}")
     engine.set_threads()
     preps = [prepare(group, log) for group in exp.groups()]
     for prep in preps:
@@ -320,6 +345,7 @@ def is_done(prep: Prepared, run: RunSpec, log: Log) -> bool:
     done = (
         folder.status().get("state") == DONE
         and folder.config().get("fingerprint") == (run_config(prep, run)["fingerprint"])
+        and folder.damage(deep=False) is None
     )
     if done:
         log(f"[{run.name}] done already: skipped")
@@ -368,6 +394,30 @@ def _task_name(value: Any) -> str:
     return value if isinstance(value, str) else str(value.get("name"))
 
 
+def _failure(exc: BaseException) -> str:
+    """The error a failed run records; a write the disk refused says what to do about it."""
+    import errno
+
+    advice = {
+        errno.ENOSPC: "the disk is full: free space, then run again",
+        errno.EDQUOT: "the disk quota is used up: free space, then run again",
+        errno.EFBIG: "a file grew past the size limit (ulimit -f): raise it, then run again",
+        errno.EROFS: "the output folder is read-only: set output_dir to a writable folder",
+        errno.EACCES: "no permission to write there: set output_dir to a writable folder",
+    }
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code is None:  # libraries with native writers (safetensors) say "... (os error 27)"
+        found = re.search(r"os error (\d+)", str(exc))
+        code = int(found.group(1)) if found else None
+    if code in advice:
+        where = f" {exc.filename}" if isinstance(exc, OSError) and exc.filename else ""
+        return (
+            f"could not write{where} ({os.strerror(code)}): {advice[code]}; files written before are intact "
+            f"[{type(exc).__name__}: {exc}]"
+        )
+    return f"{type(exc).__name__}: {exc}"
+
+
 def execute_run(prep: Prepared, run: RunSpec, log: Log) -> bool:
     """Train, evaluate and save one run unless it is already done. False when it failed."""
     folder = prep.store.run(run.name)
@@ -383,13 +433,17 @@ def execute_run(prep: Prepared, run: RunSpec, log: Log) -> bool:
         folder.set_status(FAILED, error="interrupted (KeyboardInterrupt); run again to resume")
         raise
     except Exception as exc:
-        (folder.path / "error.log").write_text(traceback.format_exc(), encoding="utf-8")
-        folder.set_status(FAILED, error=f"{type(exc).__name__}: {exc}", traceback="error.log")
-        log(f"[{run.name}] FAILED: {type(exc).__name__}: {exc}")
+        message = _failure(exc)
+        log(f"[{run.name}] FAILED: {message}")
+        try:
+            write_atomic(folder.path / "error.log", traceback.format_exc())
+            folder.set_status(FAILED, error=message, traceback="error.log")
+        except OSError as again:  # the disk that failed the run may refuse the status too
+            log(f"[{run.name}] could not record the failure in {folder.status_file}: {_failure(again)}")
         return False
-    folder.set_status(
-        DONE, finished=time.strftime("%Y-%m-%dT%H:%M:%S"), train_seconds=metrics["train"]["train_seconds"]
-    )
+    faults.point("metrics")  # kill point: metrics written, the run not yet done
+    folder.record_done(finished=time.strftime("%Y-%m-%dT%H:%M:%S"), train_seconds=metrics["train"]["train_seconds"])
+    faults.point("done")
     return True
 
 
@@ -430,9 +484,11 @@ def train_and_evaluate(prep: Prepared, run: RunSpec, folder: RunDir, log: Log) -
     )
     evaluation = evaluate_splits(prep, model, run, folder, precision, log)
     if run.save_model:
+        shutil.rmtree(folder.adapter_dir, ignore_errors=True)  # what a killed attempt left
         method.save(model, folder.adapter_dir)
         prep.tokenizer.save_pretrained(folder.adapter_dir)
         follow_umask(folder.adapter_dir)  # safetensors writes its files private (0600)
+        faults.point("adapter")
     epochs = max(result.epochs_run, 1e-9)
     metrics = {
         "run": run.name,
@@ -533,6 +589,7 @@ def evaluate_splits(
     """Predict and score each evaluated split; predictions go to predictions/<split>.jsonl."""
     out = {}
     for split in run.eval_splits or prep.exp.spec.evaluate.all_splits():
+        faults.point("eval")
         metrics, seconds = predict_and_score(
             prep, model, split, run.train, precision, folder.predictions_dir / f"{split}.jsonl"
         )
@@ -595,6 +652,7 @@ def compute_baselines(prep: Prepared, log: Log) -> None:
         path = target.parent / "predictions" / f"untrained-{split}.jsonl"
         untrained[split], _ = predict_and_score(prep, model, split, train_spec, precision, path)
     results["untrained model"] = untrained
+    faults.point("baselines")
     write_json(
         target,
         {

@@ -23,7 +23,10 @@ from typing import Any
 
 import yaml
 
+from peftlab import faults
+
 PENDING, RUNNING, DONE, FAILED = "pending", "running", "done", "failed"
+CHECKPOINT_RECORD = "peftlab-complete.json"  # written last into a Trainer checkpoint: it is complete
 
 
 def current_umask() -> int:
@@ -62,6 +65,7 @@ def write_atomic(path: Path, text: str | bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        faults.point(f"write:{path.name}")  # kill point: written, not yet in place
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -202,6 +206,32 @@ class RunDir:
             status.pop("error", None)
         write_json(self.status_file, status)
 
+    def damage(self, *, deep: bool = True) -> str | None:
+        """What is wrong with a finished run's files (None when intact, or when the run is not done).
+
+        A run becomes `done` with a record of its metrics, predictions and adapter (their sizes and
+        sha256); a file missing, cut short or changed since is damage. Runs finished before peftlab
+        kept records are trusted as they are.
+        """
+        from peftlab import integrity
+        from peftlab.errors import InputError
+
+        try:
+            status = self.status()
+            if status.get("state") != DONE:
+                return None
+            files = status.get("files")
+            return None if files is None else integrity.problem(self.path, files, deep=deep)
+        except InputError as exc:
+            return str(exc)
+
+    def record_done(self, **extra: Any) -> None:
+        """Mark the run done, with the record of the files that make it complete."""
+        from peftlab import integrity
+
+        parts = [self.metrics_file, self.predictions_dir, self.adapter_dir]
+        self.set_status(DONE, files=integrity.record(self.path, parts), **extra)
+
     def config(self) -> dict[str, Any]:
         return _yaml_file(self.config_file)
 
@@ -211,12 +241,30 @@ class RunDir:
     def history(self) -> list[dict[str, Any]]:
         return read_jsonl(self.history_file)
 
-    def latest_checkpoint(self) -> Path | None:
-        """The newest Trainer checkpoint folder that was written completely."""
+    def latest_checkpoint(self, warn: Callable[[str], None] = print) -> Path | None:
+        """The newest Trainer checkpoint that is complete and intact (its record written and matching).
+
+        A checkpoint cut short by a crash, or damaged since, is said and deleted (so that the Trainer's
+        own checkpoint rotation never keeps it over a good one); the one before it is used, or none.
+        """
+        import shutil
+
+        from peftlab import integrity
+
         if not self.checkpoints_dir.exists():
             return None
-        done = [p for p in self.checkpoints_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
-        return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+        found = [p for p in self.checkpoints_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+        for folder in sorted(found, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
+            try:
+                files = read_json(folder / CHECKPOINT_RECORD)
+                problem = "it was not finished" if files is None else integrity.problem(folder, files)
+            except Exception as exc:  # a damaged record
+                problem = str(exc)
+            if problem is None:
+                return folder
+            warn(f"{folder.name} is incomplete or damaged ({problem}): skipped and removed")
+            shutil.rmtree(folder, ignore_errors=True)
+        return None
 
 
 class ExperimentDir:
@@ -234,11 +282,7 @@ class ExperimentDir:
         """Run folders (those with a config.yaml, not moved aside) in the order the experiment lists
         them; the points of a sweep after their method entry, in grid order."""
         order = list((self.experiment().get("methods") or {}).keys())
-        found = [
-            RunDir(p)
-            for p in self.path.iterdir()
-            if p.is_dir() and (p / "config.yaml").exists() and ".replaced-" not in p.name  # moved aside by --fresh
-        ]
+        found = [run for run in self._folders() if run.damage() is None]  # damaged runs: see damaged()
         rank = {name: i for i, name in enumerate(order)}
 
         def key(run: RunDir) -> tuple[int, int, str]:
@@ -246,6 +290,18 @@ class ExperimentDir:
             return rank.get(meta.get("base", run.name), len(rank)), int(meta.get("index", 0)), run.name
 
         return sorted(found, key=key)
+
+    def damaged(self) -> dict[str, str]:
+        """Finished runs whose files are missing, cut short or changed: run name -> what is wrong."""
+        return {run.name: problem for run in self._folders() if (problem := run.damage()) is not None}
+
+    def _folders(self) -> list[RunDir]:
+        """Run folders: those with a config.yaml, not moved aside by --fresh."""
+        return [
+            RunDir(p)
+            for p in self.path.iterdir()
+            if p.is_dir() and (p / "config.yaml").exists() and ".replaced-" not in p.name
+        ]
 
     def experiment(self) -> dict[str, Any]:
         path = self.path / "experiment.yaml"
@@ -258,6 +314,14 @@ class ExperimentDir:
     def baselines_for(self, group: str) -> Path:
         """Baselines of one (model, task) group of a multi-task experiment ('' = the experiment's own)."""
         return self.path / self.BASELINES / group / "metrics.json" if group else self.baselines_file
+
+
+def remove_stale_temp_files(folder: Path) -> int:
+    """Delete the temp files of atomic writes that a killed process left (call it holding the lock)."""
+    stale = [p for p in folder.rglob(".*.tmp") if p.is_file()] if folder.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
 
 
 class ExperimentLock:

