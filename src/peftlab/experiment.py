@@ -218,6 +218,7 @@ def _check_monitors_are_measured(exp: LoadedExperiment, task: Task) -> None:
 
 
 Fresh = bool | list[str]  # --fresh: True = every run whose settings changed; names = exactly those runs
+CHANGED = "was run with other settings"
 
 
 def check_existing(prep: Prepared, fresh: Fresh, log: Log, runs: list[RunSpec] | None = None) -> None:
@@ -230,7 +231,7 @@ def check_existing(prep: Prepared, fresh: Fresh, log: Log, runs: list[RunSpec] |
         named = isinstance(fresh, list) and run.name in fresh
         if why is None and not named:
             continue
-        if named or (fresh is True and why is not None and why.startswith("settings")):
+        if named or (fresh is True and why is not None and why.startswith(CHANGED)):
             if folder.path.exists():
                 backup = folder.path.with_name(f"{folder.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
                 folder.path.rename(backup)
@@ -252,7 +253,7 @@ def _why_not_reusable(prep: Prepared, run: RunSpec, folder: RunDir) -> str | Non
     except InputError as exc:
         return f"damaged ({exc})"
     if old and old.get("fingerprint") != run_config(prep, run)["fingerprint"]:
-        return f"settings changed ({', '.join(_changed_keys(old, run_config(prep, run)))})"
+        return f"{CHANGED} ({', '.join(_changed_keys(old, run_config(prep, run)))})"
     damage = folder.damage()
     return None if damage is None else f"damaged ({damage}); retrain it with --fresh {run.name}"
 
@@ -292,8 +293,14 @@ def run_experiment(
     kind = executor or exp.spec.executor.name
     if kind == "ray":
         require_ray()
-    with ExperimentLock(exp.runs_dir, wait=wait, log=log):
-        return _run_locked(exp, fresh, kind, workers, log)
+    new = next((p for p in [*reversed(exp.runs_dir.parents), exp.runs_dir] if not p.exists()), None)
+    try:
+        with ExperimentLock(exp.runs_dir, wait=wait, log=log):
+            return _run_locked(exp, fresh, kind, workers, log)
+    except InputError:
+        if new is not None and [p.name for p in new.rglob("*") if p.is_file()] == [ExperimentLock.NAME]:
+            shutil.rmtree(new)  # bad input: leave nothing behind, not even the folders made for the lock
+        raise
 
 
 def _run_locked(exp: LoadedExperiment, fresh: Fresh, kind: str, workers: int, log: Log) -> int:

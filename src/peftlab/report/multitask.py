@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from peftlab.report import (
+    damage_blocks,
     failure_blocks,
     figure_blocks,
     fmt_num,
@@ -110,7 +111,7 @@ def build_multitask_report(exp_dir: ExperimentDir, experiment: dict[str, Any]) -
         blocks += task_detail_blocks(exp_dir, cells, task, models, splits)
     blocks += settings_blocks(runs)
     blocks += figure_blocks(exp_dir, runs, {}, splits)
-    blocks += failure_blocks(runs)
+    blocks += failure_blocks(runs) + damage_blocks(exp_dir)
     title = f"peftlab report: {experiment.get('name', exp_dir.path.name)}"
     out = {"md": exp_dir.path / "report.md", "html": exp_dir.path / "report.html", "csv": exp_dir.path / "results.csv"}
     write_atomic(out["md"], to_markdown(title, blocks))
