@@ -67,6 +67,7 @@ KILL_POINTS = [
     "prepare",  # data loaded, nothing written
     "baselines",  # untrained model scored, baselines not written
     "train_step:3",  # inside the first epoch, before the first checkpoint: a fresh start
+    "forward:5",  # inside the fifth training step: after its forward pass, before backward
     "train_step:6",  # after checkpoint-4: resumed mid-epoch
     "checkpoint:2",  # checkpoint-8's files written, its record not: falls back to checkpoint-4
     "write:history.jsonl:2",  # inside an atomic write (temp file written, not renamed)
@@ -77,6 +78,7 @@ KILL_POINTS = [
     "done",  # the first run done, the second not started
     "train_step:16",  # inside the second run (12 steps a run)
     "report",  # every run done, the report not written
+    "write:report.html",  # inside the report's atomic write
 ]
 
 

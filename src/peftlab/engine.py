@@ -329,6 +329,8 @@ def _stop_on_non_finite_loss(model: nn.Module) -> Any:
     infinite loss (the Trainer logs losses once per epoch; a diverged run would waste the rest of it)."""
 
     def check(module: nn.Module, args: Any, output: Any) -> None:
+        if module.training:
+            faults.point("forward")  # kill point: inside a training step (forward done, no backward yet)
         loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
         if module.training and loss is not None and not bool(torch.isfinite(loss.detach()).all()):
             raise NonFiniteLoss(f"the training loss became {float(loss.detach().float().mean())}")

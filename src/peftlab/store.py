@@ -112,16 +112,18 @@ def read_text(path: Path, *, max_bytes: int | None = None) -> str:
         ) from None
 
 
-def parse_json(text: str, where: str) -> Any:
-    """json.loads with an InputError naming `where` for invalid or absurdly deep JSON."""
+def parse_json(text: str, where: str, line: int | None = None) -> Any:
+    """json.loads with an InputError naming `where` and the line (`line`: the text is that line of
+    a file) for invalid or absurdly deep JSON."""
     from peftlab.errors import InputError
 
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise InputError(f"{where}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        at = line if line is not None else exc.lineno
+        raise InputError(f"{where}:{at}: not valid JSON ({exc.msg} at column {exc.colno})") from None
     except RecursionError:
-        raise InputError(f"{where}: JSON nested too deep to be a peftlab file") from None
+        raise InputError(f"{where}{'' if line is None else f':{line}'}: JSON nested too deep") from None
 
 
 def read_json(path: Path, default: Any = None) -> Any:
@@ -140,19 +142,8 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     rows = []
     for number, line in enumerate(read_text(path).split("\n"), start=1):
         if line.strip():
-            rows.append(_line(line, path, number))
+            rows.append(parse_json(line, str(path), line=number))
     return rows
-
-
-def _line(line: str, path: Path, number: int) -> Any:
-    from peftlab.errors import InputError
-
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-    except RecursionError:
-        raise InputError(f"{path}:{number}: JSON nested too deep") from None
 
 
 def _jsonable(value: Any) -> Any:
