@@ -247,7 +247,7 @@ def check_existing(prep: Prepared, fresh: Fresh, log: Log, runs: list[RunSpec] |
 
 
 def _why_not_reusable(prep: Prepared, run: RunSpec, folder: RunDir) -> str | None:
-    """'settings changed (...)' or 'damaged (...)' for an existing run folder; None when it is fine."""
+    """Why an existing run folder cannot be reused (CHANGED ... or 'damaged ...'); None when it can."""
     try:
         old = folder.config()
     except InputError as exc:
