@@ -252,8 +252,9 @@ def _why_not_reusable(prep: Prepared, run: RunSpec, folder: RunDir) -> str | Non
         old = folder.config()
     except InputError as exc:
         return f"damaged ({exc})"
-    if old and old.get("fingerprint") != run_config(prep, run)["fingerprint"]:
-        return f"{CHANGED} ({', '.join(_changed_keys(old, run_config(prep, run)))})"
+    new = run_config(prep, run) if old else {}
+    if old and old.get("fingerprint") != new["fingerprint"]:
+        return f"{CHANGED} ({', '.join(_changed_keys(old, new))})"
     damage = folder.damage()
     return None if damage is None else f"damaged ({damage}); retrain it with --fresh {run.name}"
 

@@ -152,6 +152,12 @@ def own_splits(parts: dict[str, list[Row]], key: Callable[[Row], str], label: st
     return {name: out[name] for name in ("train", "validation", "test") if name in out}, {"dedup": stats}
 
 
+def write_choices(out: Path, rows: list[Row], how: str) -> dict[str, Any]:
+    """Exam-style items without splits of their own: de-duplicated, seeded 80/10/10, with answer counts."""
+    splits, info = seeded(rows, mc_key, "label", how)
+    return write(out, splits, **info, label_counts=label_counts(splits))
+
+
 def mc_key(row: Row) -> str:
     return text_key(" ".join([row["question"], *row["choices"]]))
 
@@ -380,8 +386,7 @@ def _medmcqa(zf: zipfile.ZipFile, out: Path) -> dict[str, Any]:
         row |= {"label": d["cop"], "subject": d["subject_name"], "explanation": d.get("exp")}
         _check_label(row, 4, f"{_name(zf)}: {OE}medmcqa")
         rows.append(row)
-    splits, info = seeded(rows, mc_key, "label", "MedMCQA's validation set (4,183 questions; oe_eval medmcqa/mc_5shot)")
-    return write(out, splits, **info, label_counts=label_counts(splits))
+    return write_choices(out, rows, "MedMCQA's validation set (4,183 questions; oe_eval medmcqa/mc_5shot)")
 
 
 benchmark(
@@ -402,8 +407,7 @@ def _medqa(zf: zipfile.ZipFile, out: Path) -> dict[str, Any]:
         if row["choices"][row["label"]] != d["answer"]:
             raise InputError(f"{_name(zf)}: {OE}medqa_en: item {row['id']}: answer_idx does not point at 'answer'")
         rows.append(row)
-    splits, info = seeded(rows, mc_key, "label", "MedQA (USMLE, English) test questions (1,273; oe_eval medqa_en)")
-    return write(out, splits, **info, label_counts=label_counts(splits))
+    return write_choices(out, rows, "MedQA (USMLE, English) test questions (1,273; oe_eval medqa_en)")
 
 
 benchmark(
