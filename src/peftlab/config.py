@@ -181,6 +181,26 @@ class ExtraEvalSpec(Strict):
     limit: PositiveInt | None = Field(None, description="use at most this many examples (a seeded sample)")
 
 
+class ForgettingSpec(ExtraEvalSpec):
+    """General-knowledge data the runs never train on, scored for the base model once and for every
+    run, with a task of its own (e.g. MMLU general subjects by lm_multiple_choice, Wikipedia
+    paragraphs by lm_text's per-token cross-entropy): forgetting is the change, run minus base."""
+
+    task: str | dict[str, Any] | None = Field(
+        None, description="the task that scores it (a name or {name, options}); default: the experiment's task"
+    )
+    max_length: PositiveInt | None = Field(None, description="tokens per sequence; default: data.max_length")
+
+
+def _check_names(value: dict[str, Any], what: str) -> None:
+    for name in value:
+        if name in SPLITS or not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", name):
+            raise ValueError(
+                f"{what} name '{name}' must differ from train/validation/test and use only "
+                "letters, digits, '_', '.', '-'"
+            )
+
+
 class EvaluateSpec(Strict):
     """Which splits every trained run is scored on, and whether baselines are computed."""
 
@@ -190,7 +210,13 @@ class EvaluateSpec(Strict):
         default_factory=dict, description="name -> more evaluation data (a source, or {source, split, limit})"
     )
 
-    @field_validator("extra", mode="before")
+    forgetting: dict[str, ForgettingSpec] = Field(
+        default_factory=dict,
+        description="name -> general data the runs never train on ({source, task, split, limit}): scored for the "
+        "base model and every run; the report shows base, run and the change",
+    )
+
+    @field_validator("extra", "forgetting", mode="before")
     @classmethod
     def _source_shorthand(cls, value: Any) -> Any:
         """`ood: asset:drug-reviews-3way` is short for `ood: {source: asset:drug-reviews-3way}`."""
@@ -201,12 +227,13 @@ class EvaluateSpec(Strict):
     @field_validator("extra")
     @classmethod
     def _extra_names(cls, value: dict[str, ExtraEvalSpec]) -> dict[str, ExtraEvalSpec]:
-        for name in value:
-            if name in SPLITS or not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", name):
-                raise ValueError(
-                    f"evaluation data name '{name}' must differ from train/validation/test and use only "
-                    "letters, digits, '_', '.', '-'"
-                )
+        _check_names(value, "evaluation data")
+        return value
+
+    @field_validator("forgetting")
+    @classmethod
+    def _forgetting_names(cls, value: dict[str, ForgettingSpec]) -> dict[str, ForgettingSpec]:
+        _check_names(value, "forgetting set")
         return value
 
     def all_splits(self) -> list[str]:
@@ -258,6 +285,9 @@ class TaskEntry(Strict):
     task: str | dict[str, Any]
     data: DataSpec
     train: dict[str, Any] = Field(default_factory=dict, description="overrides of `train` for this task")
+    evaluate: dict[str, Any] = Field(
+        default_factory=dict, description="overrides of `evaluate` for this task (e.g. its own extra data)"
+    )
 
 
 class Experiment(Strict):
@@ -692,6 +722,8 @@ def validate_experiment(
         )
     assert spec.task is not None
     task = _validate_task(spec.task, ("task",), problems)
+    if task is not None:
+        _check_forgetting(task, spec.evaluate, ("evaluate",), problems)
     runs = _resolve_runs(spec, problems, only)
     problems.raise_if_any()
     assert task is not None and spec.data is not None
@@ -785,21 +817,23 @@ def _resolve_parts(
     """One single-task experiment per (model, task): its spec, task options, runs and group keys."""
     models = spec.models if spec.models is not None else {"": spec.model}
     entries = spec.tasks if spec.tasks is not None else [TaskEntry(task=spec.task, data=spec.data)]  # type: ignore[arg-type]
-    named: list[tuple[str, TaskSpec, TaskEntry, TrainSpec]] = []
+    named: list[tuple[str, TaskSpec, TaskEntry, TrainSpec, EvaluateSpec]] = []
     for i, entry in enumerate(entries):
         where = ("tasks", str(i)) if spec.tasks is not None else ()
         task = _validate_task(entry.task, (*where, "task"), problems)
         train = _task_train(spec, entry, (*where, "train"), problems)
-        if task is None or train is None:
+        evaluate = _task_evaluate(spec, entry, (*where, "evaluate"), problems)
+        if task is None or train is None or evaluate is None:
             continue
         _default_max_length(entry.data, task.name)
         key = "" if spec.tasks is None else (entry.key or task.name)
         if any(key == other for other, *_ in named):
             problems.add((*where, "key"), f"task key '{key}' is used twice; give each task entry its own `key:`")
-        named.append((key, task, entry, train))
+        _check_forgetting(task, evaluate, (*where, "evaluate") if entry.evaluate else ("evaluate",), problems)
+        named.append((key, task, entry, train, evaluate))
     parts, names = [], []
     for model_key, model in models.items():
-        for task_key, task, entry, train in named:
+        for task_key, task, entry, train, evaluate in named:
             group = {"model": model_key, "task": task_key}
             view = spec.model_copy(
                 update={
@@ -809,6 +843,7 @@ def _resolve_parts(
                     "data": entry.data,
                     "tasks": None,
                     "train": train,
+                    "evaluate": evaluate,
                 }
             )
             runs = _resolve_runs(view, problems, only, group)
@@ -830,6 +865,46 @@ def _task_train(spec: Experiment, entry: TaskEntry, where: tuple[str, ...], prob
         for key_path, msg in _format_pydantic(exc, TrainSpec, where):
             problems.add(key_path, msg)
         return None
+
+
+def _task_evaluate(
+    spec: Experiment, entry: TaskEntry, where: tuple[str, ...], problems: _Problems
+) -> EvaluateSpec | None:
+    """The experiment's evaluation settings with the task entry's overrides (each key replaced whole)."""
+    if not entry.evaluate:
+        return spec.evaluate
+    try:
+        return EvaluateSpec.model_validate({**spec.evaluate.model_dump(), **entry.evaluate})
+    except ValidationError as exc:
+        for key_path, msg in _format_pydantic(exc, EvaluateSpec, where):
+            problems.add(key_path, msg)
+        return None
+
+
+def _check_forgetting(task: TaskSpec, evaluate: EvaluateSpec, where: tuple[str, ...], problems: _Problems) -> None:
+    """Each forgetting set's task is known, its options valid, and it scores the same kind of model
+    (a causal LM with its LM head): the trained model is scored as it is, with another task."""
+    from peftlab.tasks import TASKS
+
+    if not evaluate.forgetting:
+        return
+    main = TASKS.get(task.name)(**task.options)
+    if main.peft_task_type != "CAUSAL_LM":
+        problems.add(
+            (*where, "forgetting"),
+            f"forgetting sets need a causal LM scored by its LM head; task '{task.name}' builds another model "
+            "(use lm_multiple_choice, lm_generation, lm_text or causal_classification with head: lm)",
+        )
+        return
+    for name, item in evaluate.forgetting.items():
+        given = item.task if item.task is not None else {"name": task.name, **task.options}
+        checked = _validate_task(given, (*where, "forgetting", name, "task"), problems)
+        if checked is not None and TASKS.get(checked.name)(**checked.options).peft_task_type != "CAUSAL_LM":
+            problems.add(
+                (*where, "forgetting", name, "task"),
+                f"task '{checked.name}' does not score a causal LM by its LM head; use lm_multiple_choice, "
+                "lm_generation or lm_text",
+            )
 
 
 def _resolve_run(

@@ -18,7 +18,7 @@ import platform
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -482,6 +482,138 @@ def predict(
         start = time.perf_counter()
         output = trainer.predict(features)
     return output.predictions, time.perf_counter() - start
+
+
+def generate(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    *,
+    pad_id: int,
+    eos_ids: Sequence[int],
+    max_new_tokens: int,
+    batch_size: int = 16,
+    precision: str = "fp32",
+    stop: Callable[[list[int]], bool] | None = None,
+    min_new_tokens: int = 0,
+) -> tuple[list[list[int]], float]:
+    """Greedy continuations of token-id prompts, batched: (generated ids per prompt, in the given order; seconds).
+
+    Text generation is one forward pass per new token, so it is not the Trainer's `predict`: this runs
+    transformers' `generate` (plain and PEFT models alike) with the KV cache, in batches of prompts of
+    similar length (sorted, so little padding), left-padded so every row's next token is at the end.
+    The attention mask hides the padding and positions count real tokens only, so a row generates the
+    same tokens whatever its batch.
+
+    A row ends with its first token in `eos_ids`, or with the first token after which `stop(its generated
+    ids)` is true (both tokens are kept in its ids, so the caller sees why it ended), or after
+    `max_new_tokens`; nothing after its end is returned, whatever the rest of its batch still generates.
+    `min_new_tokens` keeps the end tokens from being chosen before that many tokens (benchmarks use it
+    to generate a fixed number of tokens). bf16/fp16 run under autocast, as in training.
+    """
+    from transformers import GenerationConfig
+
+    if max_new_tokens <= 0 or batch_size <= 0:
+        raise ValueError(f"max_new_tokens ({max_new_tokens}) and batch_size ({batch_size}) must be positive")
+    if not eos_ids:
+        raise ValueError("eos_ids: at least one end token is needed (the model's own would apply otherwise)")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("an empty prompt: generation needs at least one token to continue")
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens or None,
+        do_sample=False,
+        num_beams=1,
+        pad_token_id=pad_id,
+        eos_token_id=list(eos_ids),
+        use_cache=True,
+    )
+    device = _generation_device(model)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
+    generated: list[list[int]] = [[] for _ in prompts]
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    try:
+        with torch.no_grad(), _autocast(precision, device):
+            for at in range(0, len(order), batch_size):
+                rows = order[at : at + batch_size]
+                outputs = _generate_batch(model, [prompts[i] for i in rows], config, device, set(eos_ids), stop)
+                for i, ids in zip(rows, outputs, strict=True):
+                    generated[i] = ids
+    finally:
+        model.train(was_training)
+    return generated, time.perf_counter() - start
+
+
+def _generate_batch(
+    model: nn.Module,
+    prompts: list[Sequence[int]],
+    config: Any,
+    device: torch.device,
+    eos_ids: set[int],
+    stop: Callable[[list[int]], bool] | None,
+) -> list[list[int]]:
+    """One left-padded batch through model.generate; each row's ids cut where that row ended."""
+    from transformers import StoppingCriteriaList
+
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), config.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, prompt in enumerate(prompts):
+        ids[i, width - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
+        mask[i, width - len(prompt) :] = 1
+    ends = _row_ends(len(prompts), width, eos_ids, stop)
+    out = model.generate(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        generation_config=config,
+        stopping_criteria=StoppingCriteriaList([ends]),
+    )
+    new = out[:, width:].tolist()
+    limit = config.max_new_tokens
+    return [row[: end if end is not None else limit] for row, end in zip(new, ends.ends, strict=True)]
+
+
+def _row_ends(rows: int, width: int, eos_ids: set[int], stop: Callable[[list[int]], bool] | None) -> Any:
+    """A stopping criterion that records, per row, how many tokens it had generated when it ended.
+
+    transformers pads a finished row (and may run a step past the end and undo it): the recorded
+    lengths, not the returned matrix, say where each row's own tokens stop.
+    """
+    from transformers import StoppingCriteria
+
+    class RowEnds(StoppingCriteria):
+        def __init__(self) -> None:
+            self.ends: list[int | None] = [None] * rows
+
+        def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+            step = input_ids.shape[1] - width
+            last = input_ids[:, -1].tolist()
+            for i, token in enumerate(last):
+                if self.ends[i] is None and (
+                    token in eos_ids or (stop is not None and stop(input_ids[i, width:].tolist()))
+                ):
+                    self.ends[i] = step
+            return torch.tensor([end is not None for end in self.ends], dtype=torch.bool, device=input_ids.device)
+
+    return RowEnds()
+
+
+def _generation_device(model: nn.Module) -> torch.device:
+    """Where generation runs: the model's device; a CPU model moves to the GPU when there is one, as the
+    Trainer moves it for `predict` (not a quantized or device-mapped model, which stays where it was put)."""
+    device = next(model.parameters()).device
+    placed = any(getattr(model, name, None) for name in ("hf_device_map", "hf_quantizer", "is_quantized"))
+    if device.type == "cpu" and torch.cuda.is_available() and not placed:
+        model.to("cuda")
+        return torch.device("cuda")
+    return device
+
+
+def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16/fp16 autocast as the Trainer applies it in training and prediction; fp32: nothing."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 @contextlib.contextmanager

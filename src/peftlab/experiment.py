@@ -9,8 +9,6 @@ are skipped; interrupted runs resume from their last checkpoint.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import re
@@ -23,11 +21,12 @@ from typing import Any
 
 from datasets import Dataset, DatasetDict
 
-from peftlab import engine, faults
+from peftlab import engine, faults, forgetting
 from peftlab.config import DataSpec, ExtraEvalSpec, LoadedExperiment, RunSpec
 from peftlab.data.loading import describe_source, load_rows, load_splits
 from peftlab.errors import EXIT_OK, EXIT_RUN_FAILED, InputError, did_you_mean
 from peftlab.executor import jobs_for, require_ray, run_in_processes, run_in_ray
+from peftlab.integrity import fingerprint
 from peftlab.methods import METHODS, count_parameters
 from peftlab.models import ModelSource, load_config, load_tokenizer, resolve_model
 from peftlab.slices import score_with_sources, source_counts, source_map
@@ -69,6 +68,7 @@ class Prepared:
     store: ExperimentDir
     predict_features: dict[str, Dataset] = field(default_factory=dict)  # per evaluated split
     sources: dict[str, dict[str, str]] = field(default_factory=dict)  # split -> id -> source (data.sources)
+    forgetting: list[forgetting.ForgettingSet] = field(default_factory=list)  # evaluate.forgetting, tokenized
 
     def inputs(self, split: str) -> Dataset:
         """A split's model inputs (the features without the task's bookkeeping columns)."""
@@ -78,11 +78,6 @@ class Prepared:
     def task_name(self) -> str:
         assert self.exp.task is not None
         return self.exp.task.name
-
-
-def fingerprint(data: dict[str, Any]) -> str:
-    """A short stable hash of settings, to tell whether a finished run used the same ones."""
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def run_config(prep: Prepared, run: RunSpec) -> dict[str, Any]:
@@ -109,6 +104,8 @@ def run_config(prep: Prepared, run: RunSpec) -> dict[str, Any]:
         body["data_fraction"] = run.data_fraction
     if run.eval_splits is not None:
         body["eval_splits"] = list(run.eval_splits)
+    if prep.forgetting and run.stage != "sweep":  # absent unless used: earlier runs keep their fingerprints
+        body["forgetting"] = {f.name: f.key for f in prep.forgetting}
     meta = run_meta(run)  # where the run sits in a sweep: not a setting, so not fingerprinted
     return {**body, "fingerprint": fingerprint(body), **({"sweep": meta} if meta else {})}
 
@@ -146,27 +143,44 @@ def prepare(exp: LoadedExperiment, log: Log = log_line) -> Prepared:
         engine.resolve_precision(run.train.precision)
     tokenizer = load_tokenizer(source)
     log(f"model: {source.describe()} ({config.model_type}); tokenizing ...")
-    try:
-        # Most tasks predict from the rows they train on: those are tokenized once and serve both.
-        # A task with rows of its own for prediction gets training rows only where training uses them.
-        own = type(task).predict_features is not Task.predict_features
-        evaluated = spec.evaluate.all_splits()
-        trained_on = [s for s in ("train", "validation") if s in examples]
-        features = {
-            name: task.featurize(examples[name], tokenizer, spec.data.max_length)
-            for name in dict.fromkeys([*trained_on, *([] if own else evaluated)])
-        }
-        scoring = {
-            s: task.predict_features(examples[s], tokenizer, spec.data.max_length) if own else features[s]
-            for s in evaluated
-        }
-    except InputError as exc:
-        raise InputError(f"{exp.path}: {describe_source(spec.data)}: {exc}") from None
+    # Most tasks predict from the rows they train on: those are tokenized once and serve both.
+    # A task with rows of its own for prediction gets training rows only where training uses them.
+    own = type(task).predict_features is not Task.predict_features
+    evaluated = spec.evaluate.all_splits()
+    trained_on = [s for s in ("train", "validation") if s in examples]
+    featurize = _naming_split(exp, task.featurize)
+    features = {
+        name: featurize(name, examples[name], tokenizer, spec.data.max_length)
+        for name in dict.fromkeys([*trained_on, *([] if own else evaluated)])
+    }
+    predict_features = _naming_split(exp, task.predict_features)
+    scoring = {
+        s: predict_features(s, examples[s], tokenizer, spec.data.max_length) if own else features[s] for s in evaluated
+    }
     _check_monitors_are_measured(exp, task)
+    sets = forgetting.prepare_sets(exp, tokenizer, str(spec.model))
+    if sets:
+        log(f"forgetting: {_label(exp)}" + ", ".join(f"{f.name} {len(f.examples)} ({f.task_name})" for f in sets))
     store = ExperimentDir(exp.runs_dir)
     return Prepared(
-        exp, task, source, config.model_type, tokenizer, examples, features, store, scoring, source_map(splits)
+        exp, task, source, config.model_type, tokenizer, examples, features, store, scoring, source_map(splits), sets
     )
+
+
+def _naming_split(exp: LoadedExperiment, tokenize: Callable[..., Dataset]) -> Callable[..., Dataset]:
+    """`tokenize` whose input errors name the split's data: the experiment's source, or evaluate.extra.NAME."""
+    data = exp.spec.data
+    assert data is not None
+
+    def call(split: str, *args: Any) -> Dataset:
+        try:
+            return tokenize(*args)
+        except InputError as exc:
+            extra = exp.spec.evaluate.extra.get(split)
+            where = f"evaluate.extra.{split} ({extra.source})" if extra else f"{describe_source(data)} [{split}]"
+            raise InputError(f"{exp.path}: {_label(exp)}{where}: {exc}") from None
+
+    return call
 
 
 def extra_examples(exp: LoadedExperiment, task: Task, name: str, extra: ExtraEvalSpec) -> Dataset:
@@ -319,6 +333,8 @@ def _run_locked(exp: LoadedExperiment, fresh: Fresh, kind: str, workers: int, lo
     if exp.spec.evaluate.baselines:
         for prep in preps:
             compute_baselines(prep, log)
+    for prep in preps:
+        forgetting_base(prep, log)
     failed = run_protocol(preps, lambda items: execute_runs(exp, items, kind, workers, log), fresh, log)
     from peftlab.report import build_report, terminal_summary
 
@@ -491,6 +507,17 @@ def train_and_evaluate(prep: Prepared, run: RunSpec, folder: RunDir, log: Log) -
         reduce=prep.task.reduce_outputs,
     )
     evaluation = evaluate_splits(prep, model, run, folder, precision, log)
+    forgot = forgetting.evaluate_run(
+        prep.forgetting if run.stage != "sweep" else [],  # sweep points are scored on validation only
+        model,
+        forgetting_base(prep, log),
+        prep.tokenizer,
+        run.train,
+        precision,
+        folder.predictions_dir,
+        log,
+        run.name,
+    )
     if run.save_model:
         shutil.rmtree(folder.adapter_dir, ignore_errors=True)  # what a killed attempt left
         method.save(model, folder.adapter_dir)
@@ -521,6 +548,7 @@ def train_and_evaluate(prep: Prepared, run: RunSpec, folder: RunDir, log: Log) -
         },
         "memory": {"peak_mib": result.peak_memory_mib, "kind": result.memory_kind},
         "eval": evaluation,
+        **({"forgetting": forgot} if forgot else {}),
         "lr": run.train.lr,
         "precision": precision,
         "seed": run.train.seed,
@@ -610,11 +638,7 @@ def predict_and_score(
 ) -> tuple[dict[str, Any], float]:
     """Predict one split, write the predictions to `path`, score them (per source too); seconds predicting."""
     features = prep.predict_features[split]
-    collator = prep.task.collator(prep.tokenizer)
-    inputs = prep.task.model_inputs(features)
-    outputs, seconds = engine.predict(
-        model, inputs, collator, train, precision=precision, reduce=prep.task.reduce_outputs
-    )
+    outputs, seconds = prep.task.model_outputs(model, features, prep.tokenizer, train, precision)
     predictions = prep.task.predict(outputs, prep.examples[split], features)
     metrics = score_with_sources(prep.task.score, predictions, prep.sources.get(split))
     write_jsonl(path, predictions)
@@ -648,12 +672,8 @@ def compute_baselines(prep: Prepared, log: Log) -> None:
             for split in spec.evaluate.all_splits()
         }
     log("baseline: evaluating the untrained model ...")
-    first = prep.exp.runs[0] if prep.exp.runs else None
-    train_spec = first.train if first else spec.train
-    from transformers import set_seed
-
-    set_seed(spec.train.seed)
-    model = prep.task.build_model(prep.source, prep.tokenizer)
+    train_spec = _first_train(prep)
+    model = base_model(prep)
     precision = engine.resolve_precision(train_spec.precision)
     untrained = {}
     for split in spec.evaluate.all_splits():
@@ -668,4 +688,26 @@ def compute_baselines(prep: Prepared, log: Log) -> None:
             **{k: v for k, v in task_summary(prep.task, prep.task_name).items() if k != "name"},
             "baselines": results,
         },
+    )
+
+
+def _first_train(prep: Prepared) -> Any:
+    """The training settings the baselines are evaluated with (batch size, precision): the first run's."""
+    return prep.exp.runs[0].train if prep.exp.runs else prep.exp.spec.train
+
+
+def base_model(prep: Prepared) -> Any:
+    """The pretrained model as every run starts from it, before any method: the untrained baseline."""
+    from transformers import set_seed
+
+    set_seed(prep.exp.spec.train.seed)
+    return prep.task.build_model(prep.source, prep.tokenizer)
+
+
+def forgetting_base(prep: Prepared, log: Log) -> dict[str, dict[str, Any]]:
+    """The base model's scores on the forgetting sets (measured once, then read back)."""
+    if not prep.forgetting:
+        return {}
+    return forgetting.ensure_base(
+        prep.forgetting, prep.store.path, lambda: base_model(prep), prep.tokenizer, _first_train(prep), log
     )

@@ -9,11 +9,17 @@ runs keep one in their status (experiment.py), assets in their manifest (assets/
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 Record = dict[str, dict[str, Any]]
+
+
+def fingerprint(data: dict[str, Any]) -> str:
+    """A short stable hash of settings, to tell whether something finished used the same ones."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def sha256_file(path: Path) -> str:

@@ -43,15 +43,7 @@ class TrainedRun:
     def predict(self, examples: Dataset) -> list[Prediction]:
         """Predictions for canonical examples, exactly as the run's own evaluation made them."""
         features = self.task.predict_features(examples, self.tokenizer, self.max_length)
-        collator = self.task.collator(self.tokenizer)
-        outputs, _ = engine.predict(
-            self.model,
-            self.task.model_inputs(features),
-            collator,
-            self.train,
-            precision=self.precision,
-            reduce=self.task.reduce_outputs,
-        )
+        outputs, _ = self.task.model_outputs(self.model, features, self.tokenizer, self.train, self.precision)
         return self.task.predict(outputs, examples, features)
 
 

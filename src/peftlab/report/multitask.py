@@ -40,6 +40,7 @@ from peftlab.report import (
 )
 from peftlab.report.render import Block, Heading, Paragraph, Table, aligned_text, to_html, to_markdown
 from peftlab.report.sweeps import selection_blocks
+from peftlab.report.tradeoffs import tradeoff_blocks
 from peftlab.store import DONE, ExperimentDir, RunDir, read_json, write_atomic
 
 
@@ -109,6 +110,11 @@ def build_multitask_report(exp_dir: ExperimentDir, experiment: dict[str, Any]) -
     blocks += truncation_blocks(runs)
     for task in tasks:
         blocks += task_detail_blocks(exp_dir, cells, task, models, splits)
+    for model in models:  # forgetting, the rank trade-off and the learning-vs-forgetting plane, per group
+        for task in tasks:
+            group = [c.run for c in cells if (c.model, c.task) == (model, task.key)]
+            tag = group_name(model, task.key)
+            blocks += tradeoff_blocks(exp_dir, group, _baselines(exp_dir, model, task.key), split, tag)
     blocks += settings_blocks(runs)
     blocks += figure_blocks(exp_dir, runs, {}, splits)
     blocks += failure_blocks(runs) + damage_blocks(exp_dir)

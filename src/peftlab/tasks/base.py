@@ -113,6 +113,20 @@ class Task:
         False for a task whose prediction needs its own rows (e.g. one per candidate answer)."""
         return True
 
+    def model_outputs(
+        self, model: nn.Module, features: Dataset, tokenizer: Any, spec: Any, precision: str
+    ) -> tuple[Any, float]:
+        """The model's raw outputs on `predict_features` rows (what `predict` reads), and seconds.
+
+        Default: batched forward passes (engine.predict, through the Trainer), each batch shrunk by
+        `reduce_outputs`. A task whose outputs are not one forward pass (generated text) overrides it.
+        """
+        from peftlab import engine
+
+        inputs = self.model_inputs(features)
+        collator = self.collator(tokenizer)
+        return engine.predict(model, inputs, collator, spec, precision=precision, reduce=self.reduce_outputs)
+
     def model_inputs(self, features: Dataset) -> Dataset:
         """The featurized rows without bookkeeping columns: exactly what the Trainer receives."""
         drop = [c for c in self.bookkeeping_columns if c in features.column_names]
