@@ -8,6 +8,10 @@ prompt and the model's chat template. Each prompt gets exactly 16 new tokens (th
 back until then), so both ways generate the same number of tokens and tokens/s compare like for like;
 a second, informative line lets rows stop at the end token or a line break as evaluation does and
 counts only the tokens really generated. Target: batch 16 at least 5x the one-at-a-time loop (fp32).
+
+Also the cost per question of lm_multiple_choice's two scorings on 32 real MMLU test questions (asset
+mmlu, general subjects): letter (one forward pass per question) against option (one per option).
+Information, with one target: letter scoring is cheaper per question than option scoring.
 """
 
 from __future__ import annotations
@@ -113,9 +117,43 @@ def main() -> bool:
             f"batch {BATCH}: {batch_tokens} tokens in {batch_s:.2f}s = {batch_rate:.1f} tok/s; "
             f"{ratios[forced]:.2f}x"
         )
-    return _target(
+    generation = _target(
         f"batch {BATCH} >= {TARGET:g}x one at a time ({NEW_TOKENS} tokens each): {ratios[True]:.2f}x",
         ratios[True] >= TARGET,
+    )
+    return _scoring_cost(model, tokenizer) and generation
+
+
+def _scoring_cost(model: torch.nn.Module, tokenizer: object) -> bool:
+    """Seconds per question of letter and option scoring (lm_multiple_choice), batches of 16 rows."""
+    from datasets import Dataset
+
+    from peftlab.config import TrainSpec
+
+    folder = _asset("mmlu")
+    if folder is None:
+        print("  multiple-choice scoring: skipped (no mmlu asset)")
+        return True
+    with open(folder / "test.jsonl", encoding="utf-8") as handle:
+        rows = [json.loads(line) for line in handle]
+    general = [r for r in rows if r["subject"].startswith("high_school")][:N_PROMPTS]
+    spec = TrainSpec(eval_batch_size=BATCH, precision="fp32", lr=1e-4)
+    per_question = {}
+    for scoring in ("letter", "option"):
+        task = TASKS.get("lm_multiple_choice")(scoring=scoring)
+        examples = task.examples_from_rows(Dataset.from_list(general), "mmlu test")
+        features = task.predict_features(examples, tokenizer, 512)
+        outputs, seconds = task.model_outputs(model, features, tokenizer, spec, "fp32")
+        accuracy = task.score(task.predict(outputs, examples, features))["accuracy"]
+        per_question[scoring] = seconds / len(examples)
+        print(
+            f"multiple choice, {scoring} scoring: {len(features)} rows for {len(examples)} questions in "
+            f"{seconds:.2f}s = {1000 * per_question[scoring]:.0f} ms per question (accuracy {accuracy:.3f})"
+        )
+    ratio = per_question["option"] / per_question["letter"]
+    return _target(
+        f"letter scoring cheaper per question than option scoring: {ratio:.1f}x",
+        per_question["letter"] < per_question["option"],
     )
 
 

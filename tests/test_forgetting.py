@@ -170,3 +170,33 @@ def test_report_shows_forgetting_rank_tradeoff_and_the_plane(finished: Path) -> 
 def test_pareto_front_keeps_only_unbeaten_runs() -> None:
     points = [Point("a", 0.1, 0.5), Point("b", 0.2, 0.4), Point("c", 0.0, 0.1), Point("d", 0.3, 0.6)]
     assert [p.run for p in pareto_front(points)] == ["c", "a", "d"]  # b: a forgets less and gains more
+
+
+def test_a_set_added_later_scores_the_saved_models_without_retraining(finished: Path) -> None:
+    import yaml
+
+    path = finished.parent.parent / "exp.yaml"
+    exp = yaml.safe_load(path.read_text())
+    exp["evaluate"]["forgetting"]["wiki_short"] = {
+        "source": str(path.parent / "wiki.jsonl"),
+        "task": "lm_text",
+        "limit": 2,
+    }
+    path.write_text(yaml.safe_dump(exp, sort_keys=False))
+    before = {run: (finished / run / "metrics.json").read_bytes() for run in RUNS}
+    lines: list[str] = []
+    assert run_experiment(load_experiment(path), executor="inline", log=lines.append) == EXIT_OK, lines
+    assert sum("done already: skipped" in line for line in lines) == len(RUNS)  # nothing retrained
+    for run in RUNS:
+        assert (finished / run / "metrics.json").read_bytes() == before[run]  # the integrity-checked files stay
+        added = json.loads((finished / run / "forgetting.json").read_text())["sets"]
+        assert set(added) == {"wiki_short"} and added["wiki_short"]["n"] == 2
+        entry = added["wiki_short"]
+        assert entry["change"]["cross_entropy"] == entry["run"]["cross_entropy"] - entry["base"]["cross_entropy"]
+    assert "wiki_short cross_entropy" in (finished / "report.md").read_text()
+    from peftlab.store import ExperimentDir
+
+    assert ExperimentDir(finished).damaged() == {}
+    lines.clear()  # a third run has nothing left to score
+    assert run_experiment(load_experiment(path), executor="inline", log=lines.append) == EXIT_OK
+    assert not any("scoring the saved model" in line for line in lines)

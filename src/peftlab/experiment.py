@@ -104,8 +104,6 @@ def run_config(prep: Prepared, run: RunSpec) -> dict[str, Any]:
         body["data_fraction"] = run.data_fraction
     if run.eval_splits is not None:
         body["eval_splits"] = list(run.eval_splits)
-    if prep.forgetting and run.stage != "sweep":  # absent unless used: earlier runs keep their fingerprints
-        body["forgetting"] = {f.name: f.key for f in prep.forgetting}
     meta = run_meta(run)  # where the run sits in a sweep: not a setting, so not fingerprinted
     return {**body, "fingerprint": fingerprint(body), **({"sweep": meta} if meta else {})}
 
@@ -158,7 +156,8 @@ def prepare(exp: LoadedExperiment, log: Log = log_line) -> Prepared:
         s: predict_features(s, examples[s], tokenizer, spec.data.max_length) if own else features[s] for s in evaluated
     }
     _check_monitors_are_measured(exp, task)
-    sets = forgetting.prepare_sets(exp, tokenizer, str(spec.model))
+    first = exp.runs[0].train if exp.runs else spec.train
+    sets = forgetting.prepare_sets(exp, task, tokenizer, str(spec.model), engine.resolve_precision(first.precision))
     if sets:
         log(f"forgetting: {_label(exp)}" + ", ".join(f"{f.name} {len(f.examples)} ({f.task_name})" for f in sets))
     store = ExperimentDir(exp.runs_dir)
@@ -353,6 +352,10 @@ def execute_runs(
 ) -> list[str]:
     """Train the runs (each with its group's preparation) that are not done yet; return the names that failed."""
     todo = [(prep, run) for prep, run in items if not is_done(prep, run, log)]
+    pending = {run.name for _, run in todo}
+    for prep, run in items:  # finished runs are scored on forgetting sets added since (no retraining)
+        if prep.forgetting and run.stage != "sweep" and run.name not in pending:
+            forgetting.refresh(prep.forgetting, prep.store.run(run.name), forgetting_base(prep, log), log)
     if executor == "inline":
         return [run.name for prep, run in todo if not execute_run(prep, run, log)]
     store = ExperimentDir(exp.runs_dir)
@@ -507,6 +510,12 @@ def train_and_evaluate(prep: Prepared, run: RunSpec, folder: RunDir, log: Log) -
         reduce=prep.task.reduce_outputs,
     )
     evaluation = evaluate_splits(prep, model, run, folder, precision, log)
+    if run.save_model:
+        shutil.rmtree(folder.adapter_dir, ignore_errors=True)  # what a killed attempt left
+        method.save(model, folder.adapter_dir)
+        prep.tokenizer.save_pretrained(folder.adapter_dir)
+        follow_umask(folder.adapter_dir)  # safetensors writes its files private (0600)
+        faults.point("adapter")
     forgot = forgetting.evaluate_run(
         prep.forgetting if run.stage != "sweep" else [],  # sweep points are scored on validation only
         model,
@@ -518,12 +527,6 @@ def train_and_evaluate(prep: Prepared, run: RunSpec, folder: RunDir, log: Log) -
         log,
         run.name,
     )
-    if run.save_model:
-        shutil.rmtree(folder.adapter_dir, ignore_errors=True)  # what a killed attempt left
-        method.save(model, folder.adapter_dir)
-        prep.tokenizer.save_pretrained(folder.adapter_dir)
-        follow_umask(folder.adapter_dir)  # safetensors writes its files private (0600)
-        faults.point("adapter")
     epochs = max(result.epochs_run, 1e-9)
     metrics = {
         "run": run.name,
@@ -582,6 +585,7 @@ def task_summary(task: Task, name: str) -> dict[str, Any]:
     return {
         "name": name,
         "primary_metric": task.primary_metric,
+        "higher_is_better": task.higher_is_better.get(task.primary_metric, True),
         "headline_metrics": list(task.headline_metrics or (task.primary_metric,)),
         "score_scale": task.score_scale,
     }

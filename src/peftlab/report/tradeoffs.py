@@ -17,18 +17,18 @@ model). Nothing is recomputed here.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from peftlab.forgetting import forgetting_of
+from peftlab.config import SPLITS
+from peftlab.forgetting import forgetting_of, run_record
 from peftlab.report import plots
 from peftlab.report.render import Block, Figure, Figures, Heading, Paragraph, Table
 from peftlab.report.sweeps import Group, _log_x, _single_numeric_axis, _spread, fmt_mean_std, groups_of
 from peftlab.store import DONE, ExperimentDir, RunDir
 from peftlab.sweep import mean
-
-SPLITS = ("train", "validation", "test")
 
 
 @dataclass
@@ -53,12 +53,14 @@ def tradeoff_blocks(
         return []
     task = done[0].metrics().get("task", {})
     metric, scale = task.get("primary_metric"), float(task.get("score_scale") or 1.0)
+    sign = 1.0 if task.get("higher_is_better", True) else -1.0  # the plane's "gain" is an improvement
     if not metric:
         return []
     zero_shot = (baselines.get("untrained model") or {}).get(split, {}).get(metric)
     blocks = forgetting_table_blocks(done, tag)
-    blocks += axis_tradeoff_blocks(exp_dir, done, split, metric, zero_shot, tag)
-    blocks += plane_blocks(exp_dir, done, split, metric, scale, zero_shot, tag)
+    untrained = baselines.get("untrained model") or {}
+    blocks += axis_tradeoff_blocks(exp_dir, done, split, metric, untrained, tag)
+    blocks += plane_blocks(exp_dir, done, split, metric, sign * scale, zero_shot, tag)
     return blocks
 
 
@@ -69,8 +71,9 @@ def _sets(runs: list[RunDir]) -> dict[str, dict[str, Any]]:
     """Forgetting set name -> one run's record of it (for the metric, direction and base scores)."""
     found: dict[str, dict[str, Any]] = {}
     for run in runs:
-        for name, entry in (run.metrics().get("forgetting") or {}).items():
-            found.setdefault(name, entry)
+        for name, entry in run_record(run).items():
+            if "error" not in entry:  # a set that failed to score has no base or metric to show
+                found.setdefault(name, entry)
     return found
 
 
@@ -81,12 +84,12 @@ def forgetting_table_blocks(runs: list[RunDir], tag: str) -> list[Block]:
     header = ["Run", *(f"{name} {entry['metric']}" for name, entry in sets.items()), "forgetting (mean)"]
     rows = [["base model", *(_fmt(entry["base"].get(entry["metric"])) for entry in sets.values()), "—"]]
     for run in runs:
-        record = run.metrics().get("forgetting") or {}
+        record = run_record(run)
         cells = []
         for name, entry in sets.items():
             mine = record.get(name)
-            if not mine:
-                cells.append("—")
+            if not mine or "error" in mine:
+                cells.append("failed" if mine else "—")
                 continue
             value, change = mine["run"].get(entry["metric"]), mine["change"].get(entry["metric"])
             cells.append(f"{_fmt(value)} ({change:+.4f})" if isinstance(change, int | float) else _fmt(value))
@@ -112,6 +115,10 @@ def mean_forgetting(record: dict[str, Any]) -> float | None:
     return mean(values) if values else None
 
 
+def _forgetting_short(runs: list[RunDir]) -> str:
+    return "mean drop" if any(e.get("higher_is_better", True) for e in _sets(runs).values()) else "CE rise"
+
+
 def _forgetting_unit(runs: list[RunDir]) -> str:
     sets = _sets(runs).values()
     if any(e.get("higher_is_better", True) for e in sets):
@@ -123,7 +130,7 @@ def _forgetting_unit(runs: list[RunDir]) -> str:
 
 
 def axis_tradeoff_blocks(
-    exp_dir: ExperimentDir, runs: list[RunDir], split: str, metric: str, zero_shot: Any, tag: str
+    exp_dir: ExperimentDir, runs: list[RunDir], split: str, metric: str, untrained: dict[str, Any], tag: str
 ) -> list[Block]:
     groups = groups_of(runs)
     swept = [g for g in groups if g.point]
@@ -133,15 +140,19 @@ def axis_tradeoff_blocks(
     swept.sort(key=lambda g: g.point[axis])
     references = [g for g in groups if not g.point]
     extra = [s for s in _evaluated(runs) if s not in SPLITS]
-    panels = [(f"in domain ({split})", lambda g, s=split: g.values(s, metric), zero_shot)]
-    panels += [(f"out of domain: {s}", lambda g, s=s: g.values(s, metric), None) for s in extra]
+
+    def zero(s: str) -> Any:
+        return (untrained.get(s) or {}).get(metric)
+
+    panels = [(f"in domain ({split})", lambda g, s=split: g.values(s, metric), zero(split))]
+    panels += [(f"{s} (extra)", lambda g, s=s: g.values(s, metric), zero(s)) for s in extra]
     if _sets(runs):
-        panels.append((f"forgetting: {_forgetting_unit(runs)}", _group_forgetting, 0.0))
+        panels.append((f"forgetting ({_forgetting_short(runs)})", _group_forgetting, 0.0))
     figure = _axis_figure(exp_dir, axis, swept, references, panels, metric, tag)
     name = axis.split(".")[-1]
     header = [name, *(title for title, _, _ in panels)]
-    rows = [[f"{g.point[axis]:g}", *(_fmt_values(values(g)) for _, values, _ in panels)] for g in swept]
-    rows += [[f"{g.base} (reference)", *(_fmt_values(values(g)) for _, values, _ in panels)] for g in references]
+    rows = [[f"{g.point[axis]:g}", *(fmt_mean_std(values(g)) for _, values, _ in panels)] for g in swept]
+    rows += [[f"{g.base} (reference)", *(fmt_mean_std(values(g)) for _, values, _ in panels)] for g in references]
     rows.append(["zero-shot model", *(_fmt(ref) if ref is not None else "—" for _, _, ref in panels)])
     caption = (
         f"{metric} in and out of domain and forgetting for each {name} (mean ± std over seeds where several); "
@@ -151,7 +162,7 @@ def axis_tradeoff_blocks(
 
 
 def _group_forgetting(group: Group) -> list[float]:
-    values = [mean_forgetting(r.metrics().get("forgetting") or {}) for r in group.done()]
+    values = [mean_forgetting(run_record(r)) for r in group.done()]
     return [v for v in values if v is not None]
 
 
@@ -207,7 +218,7 @@ def plane_points(runs: list[RunDir], split: str, metric: str, scale: float, zero
     points = []
     for run in runs:
         metrics = run.metrics()
-        x = mean_forgetting(metrics.get("forgetting") or {})
+        x = mean_forgetting(run_record(run))
         score = (metrics.get("eval") or {}).get(split, {}).get(metric)
         if x is None or not isinstance(score, int | float):
             continue
@@ -237,25 +248,49 @@ def plane_blocks(
         return []
     front = pareto_front(points)
     figure = _plane_figure(exp_dir, points, front, split, metric, zero_shot is not None, runs, tag)
-    return [Heading(f"Learning vs forgetting{_of(tag)}"), Paragraph(pareto_summary(points, front, metric)), figure]
+    summary = pareto_summary(points, front, metric, "gain" if zero_shot is not None else "score")
+    summary += _noise_note(runs, split, metric, scale)
+    return [Heading(f"Learning vs forgetting{_of(tag)}"), Paragraph(summary), figure]
 
 
-def pareto_summary(points: list[Point], front: list[Point], metric: str) -> str:
-    """One generated paragraph: which runs sit on the front, and what each other run is beaten by."""
+def _noise_note(runs: list[RunDir], split: str, metric: str, scale: float) -> str:
+    """How big a difference the in-domain test set can tell from chance: one binomial standard error
+    of a fraction-valued score (accuracy, exact match) at the runs' mean score, with n test examples."""
+    found = [(r.metrics().get("eval") or {}).get(split, {}) for r in runs]
+    scores = [float(m[metric]) / abs(scale) for m in found if isinstance(m.get(metric), int | float)]
+    sizes = [int(m["n"]) for m in found if isinstance(m.get("n"), int)]
+    if not scores or not sizes or abs(abs(scale) - 1.0) > 1e-9 or not all(0 <= v <= 1 for v in scores):
+        return ""
+    p, n = mean(scores), min(sizes)
+    se = math.sqrt(max(p * (1 - p), 1e-12) / n)
+    return (
+        f" With {n} {split} examples one standard error of {metric} is about {se:.3f} (at {p:.3f}): "
+        f"differences under {2 * se:.3f} are within noise."
+    )
+
+
+def pareto_summary(points: list[Point], front: list[Point], metric: str, y: str = "gain") -> str:
+    """One generated paragraph: which runs sit on the front, and what each other run is beaten by.
+
+    `y` names the vertical axis: "gain" over the zero-shot model, or the in-domain "score" itself."""
     names = {p.run for p in front}
+
+    def shown(p: Point) -> str:
+        return f"{p.run} ({y} {p.gain:+.3f}, forgetting {p.forgetting:+.3f})"
+
     lines = [
-        "On the Pareto front (no other run gains more in domain while forgetting less): "
-        + ", ".join(f"{p.run} (gain {p.gain:+.3f}, forgetting {p.forgetting:+.3f})" for p in front)
+        f"On the Pareto front (no other run has a higher in-domain {y} while forgetting less): "
+        + ", ".join(shown(p) for p in front)
         + "."
     ]
     for p in points:
         if p.run in names:
             continue
         better = [q.run for q in points if q.forgetting <= p.forgetting and q.gain >= p.gain and q.run != p.run]
-        lines.append(f"{p.run} (gain {p.gain:+.3f}, forgetting {p.forgetting:+.3f}) is beaten by {', '.join(better)}.")
+        lines.append(f"{shown(p)} is beaten by {', '.join(better)}.")
     best = max(points, key=lambda p: p.gain)
     least = min(points, key=lambda p: p.forgetting)
-    lines.append(f"Most in-domain gain in {metric}: {best.run}; least forgetting: {least.run}.")
+    lines.append(f"Highest in-domain {metric}: {best.run}; least forgetting: {least.run}.")
     return " ".join(lines)
 
 
@@ -286,7 +321,9 @@ def _plane_figure(
     path = plots._save(fig, exp_dir.path / "figures" / f"learning-vs-forgetting{_file(tag)}.png")
     return Figure(
         Path(path).relative_to(exp_dir.path),
-        "Learning vs forgetting: up = more in-domain gain over the zero-shot model, right = more forgetting",
+        "Learning vs forgetting: up = better in domain"
+        + (" than the zero-shot model" if has_zero_shot else "")
+        + ", right = more forgetting",
     )
 
 
@@ -295,10 +332,6 @@ def _plane_figure(
 
 def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, int | float) else "—"
-
-
-def _fmt_values(values: list[float]) -> str:
-    return fmt_mean_std(values)
 
 
 def _better(entry: dict[str, Any]) -> str:

@@ -33,6 +33,7 @@ from peftlab.models import ModelSource, instantiate
 from peftlab.registry import TASKS
 from peftlab.tasks.base import Prediction
 from peftlab.tasks.classification import Classification, ClassificationOptions
+from peftlab.tasks.lm_prompt import TEMPLATE_DATE
 
 if TYPE_CHECKING:
     import torch
@@ -283,7 +284,9 @@ class _Encoder:
         if self.chat:
             messages = [{"role": "system", "content": opts.system_prompt}] if opts.system_prompt else []
             messages.append({"role": "user", "content": prompt})
-            self.template = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            self.template = tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True, date_string=TEMPLATE_DATE
+            )
             separator = ""
         else:
             self.template = prompt

@@ -185,7 +185,6 @@ class LMGeneration(CausalLmTask):
             out["rationale"] = given if isinstance(given, str) else None
         return out
 
-    # --- model --------------------------------------------------------------------------------
     # --- features -----------------------------------------------------------------------------
     def prompt_format(self, tokenizer: Any) -> PromptFormat:
         """The prompt for this tokenizer (the chat template is rendered once)."""

@@ -20,7 +20,8 @@ position before the answer token), so validation accuracy is measured after each
 
 Rows are left-padded (causal_classification's collator) so the answer ends every row and the model
 computes vocabulary logits only for the last few positions. A prompt longer than `max_length`
-loses the end of its question (never the template or the options) and is counted (`n_truncated`).
+loses the start of its question (an exam vignette asks its question last; never the template or
+the options) and is counted (`n_truncated`).
 
 Baselines (model-free, fitted on train): the most frequent answer position and the longest option.
 """
@@ -118,9 +119,6 @@ class LMMultipleChoice(CausalLmTask):
     def examples_from_rows(self, rows: Dataset, where: str, labelled: bool = True) -> Dataset:
         return self._canonical(rows, where, labelled)
 
-    def assume_without_data(self) -> str:
-        return "the pretrained LM head scores the answers: the model's size does not depend on the data"
-
     def _fields(self, ds: Dataset, where: str, labelled: bool) -> dict[str, str | None]:
         """The source field of each canonical field (None: absent and optional)."""
         cols = ds.column_names
@@ -186,7 +184,6 @@ class LMMultipleChoice(CausalLmTask):
             "subject": None if subject is None or subject == "" else str(subject),
         }
 
-    # --- model --------------------------------------------------------------------------------
     # --- features -----------------------------------------------------------------------------
     def encoder(self, tokenizer: Any) -> _Encoder:
         """The prompt for this tokenizer (the chat template renders once) and the letters' tokens."""

@@ -28,6 +28,9 @@ if TYPE_CHECKING:
     from torch import nn
 
 ChatSetting = bool | Literal["auto"]
+# Llama 3.x chat templates print today's date into every prompt unless given one (their own default
+# is this date): a fixed date keeps prompts, and so scores, the same from one day to the next
+TEMPLATE_DATE = "26 Jul 2024"
 
 
 def placeholders(template: str) -> set[str]:
@@ -63,7 +66,9 @@ class PromptFormat:
         if self.chat:
             messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
             messages.append({"role": "user", "content": template})
-            self.template = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            self.template = tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True, date_string=TEMPLATE_DATE
+            )
             self.separator = ""
         else:
             self.template = template

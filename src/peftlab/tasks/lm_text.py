@@ -46,9 +46,6 @@ class LmText(CausalLmTask):
     headline_metrics = ("cross_entropy",)
     default_max_length = 256
 
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
-
     # --- data ---------------------------------------------------------------------------------
     def prepare(self, splits: DatasetDict, where: str) -> DatasetDict:
         from datasets import DatasetDict
@@ -88,7 +85,7 @@ class LmText(CausalLmTask):
             )
         return found
 
-    # --- model --------------------------------------------------------------------------------
+    # --- features -----------------------------------------------------------------------------
     def featurize(self, examples: Dataset, tokenizer: Any, max_length: int) -> Dataset:
         """Each text's first `max_length` tokens; every token after the first is a label."""
         from peftlab.tasks.causal_classification import IGNORE
