@@ -81,16 +81,16 @@ def _questions() -> tuple[list[str], str]:
     return [row["question"] for row in rows], "TriviaQA validation questions"
 
 
-def _run(model, prompts, tokenizer, batch_size: int, *, forced: bool) -> tuple[int, float]:
-    """(tokens generated, seconds) for all prompts in batches of `batch_size`."""
+def _run(model, prompts, tokenizer, batch_size: int, *, forced: bool, tokens: int = NEW_TOKENS) -> tuple[int, float]:
+    """(tokens generated, seconds) for all prompts in batches of `batch_size` (forced: exactly `tokens` each)."""
     ids, seconds = engine.generate(
         model,
         prompts,
         pad_id=tokenizer.pad_token_id,
         eos_ids=end_tokens(tokenizer, model),
-        max_new_tokens=NEW_TOKENS,
+        max_new_tokens=tokens,
         batch_size=batch_size,
-        min_new_tokens=NEW_TOKENS if forced else 0,
+        min_new_tokens=tokens if forced else 0,
         stop=None if forced else newline_stop(tokenizer),
     )
     return sum(len(row) for row in ids), seconds
@@ -132,8 +132,8 @@ def _prefill_and_decode(model: torch.nn.Module, prompts: list, tokenizer: object
     prompts is already many tokens per pass, so it gains little, and bounds the overall ratio."""
     timings = {}
     for batch in (1, BATCH):
-        _, prefill = _run_fixed(model, prompts, tokenizer, batch, 1)
-        _, whole = _run_fixed(model, prompts, tokenizer, batch, NEW_TOKENS)
+        _, prefill = _run(model, prompts, tokenizer, batch, forced=True, tokens=1)
+        _, whole = _run(model, prompts, tokenizer, batch, forced=True)
         per_token = (whole - prefill) / (NEW_TOKENS - 1)
         timings[batch] = (prefill, per_token)
         print(
@@ -142,19 +142,6 @@ def _prefill_and_decode(model: torch.nn.Module, prompts: list, tokenizer: object
         )
     (p1, d1), (pb, db) = timings[1], timings[BATCH]
     print(f"  batching speeds reading the prompts {p1 / pb:.2f}x and each further token {d1 / db:.2f}x")
-
-
-def _run_fixed(model: torch.nn.Module, prompts: list, tokenizer: object, batch: int, tokens: int) -> tuple[int, float]:
-    ids, seconds = engine.generate(
-        model,
-        prompts,
-        pad_id=tokenizer.pad_token_id,
-        eos_ids=end_tokens(tokenizer, model),
-        max_new_tokens=tokens,
-        batch_size=batch,
-        min_new_tokens=tokens,
-    )
-    return sum(len(row) for row in ids), seconds
 
 
 def _scoring_cost(model: torch.nn.Module, tokenizer: object) -> bool:
