@@ -34,6 +34,14 @@ MULTI_TOKEN = {"negative": "bad", "neutral": "not so good", "positive": "very go
 TEXTS = ["the movie was great today", "a boring and long day", "the show was plain", "what a terrible song"]
 
 
+def tiny_llama_and_tokenizer() -> tuple:
+    """The tiny random Llama (seeded, eval mode) with its tokenizer: the model every LM task test scores with."""
+    source = resolve_model(TINY_LLAMA)
+    tokenizer = load_tokenizer(source)
+    torch.manual_seed(0)
+    return TASKS.get("lm_text")().build_model(source, tokenizer).eval(), tokenizer
+
+
 def make_task(**options):
     return TASKS.get("causal_classification")(**{"prompt": "review: {text} sentiment:", **options})
 

@@ -8,20 +8,18 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 from datasets import Dataset, DatasetDict
 from pydantic import ValidationError
 
 from peftlab import engine
 from peftlab.config import TrainSpec, load_experiment
 from peftlab.errors import EXIT_OK, InputError
-from peftlab.models import load_tokenizer, resolve_model
 from peftlab.store import read_jsonl
 from peftlab.tasks import TASKS
 from peftlab.tasks.causal_classification import IGNORE
 from peftlab.tasks.lm_generation import answer_scores, end_token, last_number
 from tests.conftest import tiny_experiment, write_experiment
-from tests.tasks.test_causal_classification import TINY_LLAMA
+from tests.tasks.test_causal_classification import TINY_LLAMA, tiny_llama_and_tokenizer
 
 QUESTIONS = ["what colour is the sky", "who wrote the play about the prince of denmark", "how many legs has a cat"]
 ANSWERS = [["blue", "light blue"], ["william shakespeare", "shakespeare"], ["4", "four"]]
@@ -37,12 +35,7 @@ def rows(n: int = 3, **extra) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def llama():
-    source = resolve_model(TINY_LLAMA)
-    tokenizer = load_tokenizer(source)
-    torch.manual_seed(0)
-    model = make_task().build_model(source, tokenizer)
-    model.eval()
-    return model, tokenizer
+    return tiny_llama_and_tokenizer()
 
 
 # --- metrics ----------------------------------------------------------------------------------

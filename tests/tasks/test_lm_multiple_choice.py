@@ -16,12 +16,11 @@ from datasets import Dataset, DatasetDict
 
 from peftlab.config import TrainSpec, load_experiment
 from peftlab.errors import EXIT_OK, InputError
-from peftlab.models import load_tokenizer, resolve_model
 from peftlab.store import read_jsonl
 from peftlab.tasks import TASKS
 from peftlab.tasks.causal_classification import IGNORE
 from tests.conftest import tiny_experiment, write_experiment
-from tests.tasks.test_causal_classification import TINY_LLAMA
+from tests.tasks.test_causal_classification import TINY_LLAMA, tiny_llama_and_tokenizer
 
 # four questions of different lengths (batches of 3 need padding), one with three options
 QUESTIONS = [
@@ -54,12 +53,7 @@ def examples(rows: list[dict] | None = None) -> Dataset:
 
 @pytest.fixture(scope="module")
 def llama():
-    source = resolve_model(TINY_LLAMA)
-    tokenizer = load_tokenizer(source)
-    torch.manual_seed(0)
-    model = make_task().build_model(source, tokenizer)
-    model.eval()
-    return model, tokenizer
+    return tiny_llama_and_tokenizer()
 
 
 def run_rows(task, model, tokenizer, features: Dataset, exs: Dataset) -> list[dict]:

@@ -33,7 +33,7 @@ from peftlab.models import ModelSource, instantiate
 from peftlab.registry import TASKS
 from peftlab.tasks.base import Prediction
 from peftlab.tasks.classification import Classification, ClassificationOptions
-from peftlab.tasks.lm_prompt import TEMPLATE_DATE
+from peftlab.tasks.lm_prompt import TEMPLATE_DATE, shorten_to_fit
 
 if TYPE_CHECKING:
     import torch
@@ -335,16 +335,7 @@ class _Encoder:
     def prompt_ids(self, text: str, pair: str | None, max_length: int) -> list[int]:
         """The prompt's tokens, shortening the example's text (not the prompt) to leave room for the answer."""
         budget = max_length - self.answer_room
-        ids = self.encode(text, pair)
-        for _ in range(8):
-            excess = len(ids) - budget
-            if excess <= 0:
-                return ids
-            words = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            if not words:
-                break
-            text = self.tokenizer.decode(words[: max(0, len(words) - excess)], skip_special_tokens=True)
-            ids = self.encode(text, pair)
+        ids = shorten_to_fit(lambda t: self.encode(t, pair), self.tokenizer, text, budget)
         if len(ids) > budget:
             raise InputError(
                 f"data.max_length: {max_length} tokens leave no room for the text: the prompt alone takes "

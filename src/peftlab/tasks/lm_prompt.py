@@ -109,24 +109,36 @@ class PromptFormat:
         """The prompt's tokens in at most `budget` tokens, shortening `values[shorten]` (a question, a
         context) and never the template or the other fields. keep="start" cuts the field's end;
         keep="end" cuts its beginning (an exam vignette asks its question in the last sentence)."""
-        ids = self.encode(values)
-        text = values.get(shorten, "")
-        for _ in range(8):  # tokenization is not additive: shorten, re-encode, check again
-            excess = len(ids) - budget
-            if excess <= 0:
-                return ids
-            words = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            if not words:
-                break
-            kept = words[: max(0, len(words) - excess)] if keep == "start" else words[min(len(words), excess) :]
-            text = self.tokenizer.decode(kept, skip_special_tokens=True)
-            ids = self.encode({**values, shorten: text})
+        ids = shorten_to_fit(
+            lambda text: self.encode({**values, shorten: text}), self.tokenizer, values.get(shorten, ""), budget, keep
+        )
         if len(ids) > budget:
             raise InputError(
                 f"{what}: {budget} tokens for the prompt leave no room for the {shorten}: without it the prompt "
                 f"takes {len(self.encode({**values, shorten: ''}))} tokens; raise data.max_length"
             )
         return ids
+
+
+def shorten_to_fit(
+    encode: Callable[[str], list[int]], tokenizer: Any, text: str, budget: int, keep: Literal["start", "end"] = "start"
+) -> list[int]:
+    """`encode(text)` in at most `budget` tokens, shortening `text` (its end, or its start with keep="end").
+
+    Tokenization is not additive, so: cut the excess, re-encode, check again (a few rounds). Returns
+    the last encoding, still over budget when even an empty text does not fit: the caller says why."""
+    ids = encode(text)
+    for _ in range(8):
+        excess = len(ids) - budget
+        if excess <= 0:
+            return ids
+        words = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not words:
+            break
+        kept = words[: max(0, len(words) - excess)] if keep == "start" else words[min(len(words), excess) :]
+        text = tokenizer.decode(kept, skip_special_tokens=True)
+        ids = encode(text)
+    return ids
 
 
 def use_chat(tokenizer: Any, setting: ChatSetting) -> bool:
