@@ -103,6 +103,25 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from peftlab import engine
+    from peftlab.analysis.finished import analyze_runs, format_summary
+
+    engine.set_threads()
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    results = analyze_runs(
+        [Path(p) for p in args.run_dirs], log, parts=args.parts, examples=args.examples, force=args.force
+    )
+    print(format_summary(results))
+    if not args.no_report:
+        from peftlab.report import build_report
+
+        for experiment in dict.fromkeys(folder.path.parent for folder, _ in results):
+            if (experiment / "experiment.yaml").exists():
+                log(f"report: {build_report(experiment)['html']} (section 'Inside the model')")
+    return EXIT_OK
+
+
 def cmd_assets(args: argparse.Namespace) -> int:
     from peftlab import assets
 
@@ -204,6 +223,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--output", help="the .md file to write (default: probe.md in the first run's experiment folder)")
     p.set_defaults(func=cmd_probe)
+
+    p = sub.add_parser(
+        "analyze", help="what training changed inside the model: weight spectra, intruders, drift, attention"
+    )
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="finished runs, runs/<experiment>/<run>")
+    p.add_argument("--examples", type=int, metavar="N", help="examples per split for the drift and attention passes")
+    p.add_argument(
+        "--parts",
+        nargs="+",
+        choices=["weights", "drift", "attention"],
+        help="only these parts (default: the experiment's `analysis:` settings, else all three)",
+    )
+    p.add_argument("--force", action="store_true", help="measure again even when a current analysis is kept")
+    p.add_argument("--no-report", action="store_true", help="do not rebuild the experiments' reports afterwards")
+    p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("assets", help="offline models and datasets (list, fetch)")
     p.add_argument("action", choices=["list", "fetch"])

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
+from peftlab.analysis.settings import AnalysisSpec
 from peftlab.errors import InputError, did_you_mean
 
 SPLITS = ("train", "validation", "test")
@@ -306,6 +307,9 @@ class Experiment(Strict):
     train: TrainSpec = Field(default_factory=TrainSpec)
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
     sweep: SweepSpec | None = Field(None, description="a grid of runs; see the README's Sweeps")
+    analysis: AnalysisSpec | None = Field(
+        None, description="what training changed inside the model, measured after each run (`true`: all parts)"
+    )
     executor: ExecutorSpec = Field(default_factory=ExecutorSpec)
     output_dir: str = Field("runs", description="runs are written to OUTPUT_DIR/NAME/")
 

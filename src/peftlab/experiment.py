@@ -22,12 +22,14 @@ from typing import Any
 from datasets import Dataset, DatasetDict
 
 from peftlab import engine, faults, forgetting
+from peftlab.analysis.finished import analyze_finished
+from peftlab.analysis.run import Subject, analyze, check_sizes
 from peftlab.config import DataSpec, ExtraEvalSpec, LoadedExperiment, RunSpec
 from peftlab.data.loading import describe_source, load_rows, load_splits
 from peftlab.errors import EXIT_OK, EXIT_RUN_FAILED, InputError, did_you_mean
 from peftlab.executor import jobs_for, require_ray, run_in_processes, run_in_ray
 from peftlab.integrity import fingerprint
-from peftlab.methods import METHODS, count_parameters
+from peftlab.methods import METHODS, Method, count_parameters
 from peftlab.models import ModelSource, load_config, load_tokenizer, resolve_model
 from peftlab.slices import score_with_sources, source_counts, source_map
 from peftlab.store import (
@@ -160,6 +162,8 @@ def prepare(exp: LoadedExperiment, log: Log = log_line) -> Prepared:
     sets = forgetting.prepare_sets(exp, task, tokenizer, str(spec.model), engine.resolve_precision(first.precision))
     if sets:
         log(f"forgetting: {_label(exp)}" + ", ".join(f"{f.name} {len(f.examples)} ({f.task_name})" for f in sets))
+    if spec.analysis is not None:  # a pass asking for more examples than a split has fails here, not after training
+        check_sizes(spec.analysis, {s: len(examples[s]) for s in evaluated}, f"{exp.path}: {_label(exp)}")
     store = ExperimentDir(exp.runs_dir)
     return Prepared(
         exp, task, source, config.model_type, tokenizer, examples, features, store, scoring, source_map(splits), sets
@@ -354,8 +358,11 @@ def execute_runs(
     todo = [(prep, run) for prep, run in items if not is_done(prep, run, log)]
     pending = {run.name for _, run in todo}
     for prep, run in items:  # finished runs are scored on forgetting sets added since (no retraining)
-        if prep.forgetting and run.stage != "sweep" and run.name not in pending:
-            forgetting.refresh(prep.forgetting, prep.store.run(run.name), forgetting_base(prep, log), log)
+        if run.stage != "sweep" and run.name not in pending:
+            if prep.forgetting:
+                forgetting.refresh(prep.forgetting, prep.store.run(run.name), forgetting_base(prep, log), log)
+            if exp.spec.analysis is not None:  # and analysed when `analysis:` was added or changed since
+                analyze_finished(prep.store.run(run.name).path, exp.spec.analysis, log)
     if executor == "inline":
         return [run.name for prep, run in todo if not execute_run(prep, run, log)]
     store = ExperimentDir(exp.runs_dir)
@@ -527,6 +534,8 @@ def train_and_evaluate(prep: Prepared, run: RunSpec, folder: RunDir, log: Log) -
         log,
         run.name,
     )
+    if prep.exp.spec.analysis is not None and run.stage != "sweep":
+        analyze(analysis_subject(prep, run, method, model), prep.exp.spec.analysis, folder.path / "analysis", log)
     epochs = max(result.epochs_run, 1e-9)
     metrics = {
         "run": run.name,
@@ -565,6 +574,32 @@ def train_and_evaluate(prep: Prepared, run: RunSpec, folder: RunDir, log: Log) -
     )
     log(f"[{run.name}] done in {result.train_seconds:.0f}s training: {summary}")
     return metrics
+
+
+def analysis_subject(prep: Prepared, run: RunSpec, method: Method, model: Any) -> Subject:
+    """The trained model, its base (quantized as the run's was) and the evaluated examples, for analysis."""
+    from transformers import set_seed
+
+    def build_base() -> Any:
+        set_seed(run.train.seed)
+        return prep.task.build_model(prep.source, prep.tokenizer, **method.load_kwargs())
+
+    data = prep.exp.spec.data
+    assert data is not None and data.max_length is not None
+    return Subject(
+        run.name,
+        run.method,
+        method,
+        model,
+        build_base,
+        prep.model_type,
+        prep.task,
+        prep.tokenizer,
+        data.max_length,
+        {s: prep.examples[s] for s in prep.exp.spec.evaluate.all_splits()},
+        run_config(prep, run)["fingerprint"],
+        data.seed,
+    )
 
 
 def training_set(prep: Prepared, run: RunSpec) -> tuple[int, Dataset]:

@@ -9,6 +9,7 @@ the method loads what training saved into adapter/.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from peftlab import engine
 from peftlab.config import DataSpec, TrainSpec
 from peftlab.data.loading import load_rows
 from peftlab.errors import InputError
-from peftlab.methods import METHODS
+from peftlab.methods import METHODS, Method
 from peftlab.models import ModelSource, ensure_pad_token, resolve_model
 from peftlab.store import DONE, RunDir
 from peftlab.tasks import TASKS, Prediction, Task
@@ -35,6 +36,8 @@ class TrainedRun:
     model: Any
     train: TrainSpec
     precision: str
+    method: Method
+    build_base: Callable[[], Any]  # the base model the run started from (e.g. for `analyze`)
 
     @property
     def max_length(self) -> int:
@@ -75,7 +78,8 @@ def load_run(path: Path | str) -> TrainedRun:
 
     model = method.load(build, folder.adapter_dir)
     model.eval()
-    return TrainedRun(folder, config, task, source, tokenizer, model, train, engine.resolve_precision(train.precision))
+    precision = engine.resolve_precision(train.precision)
+    return TrainedRun(folder, config, task, source, tokenizer, model, train, precision, method, lambda: build(None))
 
 
 def _settings_for(config: dict[str, Any]) -> dict[str, Any]:

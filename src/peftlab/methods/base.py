@@ -9,18 +9,34 @@ than full fine-tuning (see `default_lr` and the README's table).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
 # The rebuild callback a method's `load` receives: source=None builds the base task model from the
 # experiment's model, source=PATH builds it from a saved full model.
 BuildModel = Callable[[str | None], "nn.Module"]
+
+
+@dataclass
+class WeightChange:
+    """What training changed in one weight matrix, for `peftlab analyze` (float32, [out, in] layout).
+
+    `factor` is the matrix whose right-singular subspace runs are compared by (LoRA's A, as Hu et al.
+    2021 §7.2 compare adapters); None: ΔW's own. `rank_limit` is the most rank ΔW can have (LoRA's r)."""
+
+    name: str  # the module's path in the task model, e.g. bert.encoder.layer.0.attention.self.query
+    base: torch.Tensor
+    delta: torch.Tensor
+    rank_limit: int | None = None
+    factor: torch.Tensor | None = None
 
 
 class MethodSettings(BaseModel):
@@ -60,6 +76,18 @@ class Method:
         None: the default estimate (4 bytes per weight) applies."""
         return None
 
+    # True when training may change every weight (full fine-tuning): `analysis` then looks in detail at
+    # the matrices a LoRA would adapt and summarises the rest, so the methods are compared on the same ones.
+    dense_update: ClassVar[bool] = False
+
+    def weight_changes(self, model: nn.Module, base: Callable[[], nn.Module]) -> Iterator[WeightChange]:
+        """ΔW of every weight matrix of the backbone that training changed, beside its W0.
+
+        The default compares the trained model with the base model (`base()` builds it), matrix by
+        matrix: right for any method that trains weights in place. Methods with their own parameters
+        (LoRA, (IA)3) override this with their exact ΔW, which needs no second model."""
+        yield from dense_changes(model, base())
+
     def apply(self, model: nn.Module, *, head_modules: list[str], task_type: str) -> nn.Module:
         raise NotImplementedError
 
@@ -89,3 +117,36 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         total += n
         trainable += n if param.requires_grad else 0
     return trainable, total
+
+
+def backbone_of(model: nn.Module) -> tuple[str, nn.Module]:
+    """The pretrained backbone (transformers' `base_model_prefix`: bert, model, ...) and its name; the
+    task head outside it starts from random weights, so its change says nothing about adaptation."""
+    prefix = getattr(model, "base_model_prefix", "")
+    inner = getattr(model, prefix, None) if prefix else None
+    return (prefix, inner) if inner is not None else ("", model)
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor | None:
+    """A linear layer's weight as float32 [out, in] (GPT-2's Conv1D stores [in, out]); None for other modules."""
+    from torch import nn
+
+    weight = getattr(module, "weight", None)
+    if weight is None or weight.dim() != 2 or isinstance(module, nn.Embedding):
+        return None
+    if type(module).__name__ == "Conv1D":
+        return weight.detach().float().T
+    return weight.detach().float() if isinstance(module, nn.Linear) else None
+
+
+def dense_changes(tuned: nn.Module, base: nn.Module) -> Iterator[WeightChange]:
+    """W − W0 for every linear layer of the backbone, by module name (full fine-tuning's ΔW)."""
+    prefix, backbone = backbone_of(tuned)
+    _, base_backbone = backbone_of(base)
+    before = dict(base_backbone.named_modules())
+    for name, module in backbone.named_modules():
+        weight = linear_weight(module)
+        old = linear_weight(before[name]) if name in before else None
+        if weight is None or old is None or old.shape != weight.shape:
+            continue
+        yield WeightChange(f"{prefix}.{name}" if prefix else name, old, weight - old)

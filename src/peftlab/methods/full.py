@@ -17,6 +17,7 @@ class Full(Method):
     """Train all weights. The reference point every PEFT method is compared against."""
 
     default_lr = 5e-5
+    dense_update = True
     lr_note = "the usual rate for fine-tuning all weights of a BERT-size model (2e-5 to 5e-5)"
 
     def apply(self, model: nn.Module, *, head_modules: list[str], task_type: str) -> nn.Module:

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
-from peftlab.methods.base import MethodSettings
-from peftlab.methods.peft_common import PeftMethod, default_targets
+from peftlab.methods.base import MethodSettings, WeightChange
+from peftlab.methods.peft_common import PeftMethod, adapted_layers, base_weight, default_targets
 from peftlab.registry import METHODS
 
 if TYPE_CHECKING:  # PEFT loads when a model is adapted, not when a config is validated
     from peft import PeftConfig
+    from torch import nn
 
 
 @functools.cache
@@ -61,6 +63,19 @@ class IA3(PeftMethod):
         if resolved["feedforward_modules"] is None:
             resolved["feedforward_modules"] = []
         return resolved
+
+    def weight_changes(self, model: nn.Module, base: Callable[[], nn.Module]) -> Iterator[WeightChange]:
+        """ΔW = W·(diag(l) − I): (IA)3 rescales a layer's output rows (k, v) or, in the feed-forward layer,
+        its input columns; merged, that is W times l along that axis (PEFT's IA3Layer.merge)."""
+        from peft.tuners.ia3 import IA3Layer
+
+        for name, layer in adapted_layers(model, IA3Layer):
+            if "default" not in layer.ia3_l or not hasattr(layer.get_base_layer(), "weight"):
+                continue
+            weight = base_weight(layer)
+            scale = layer.ia3_l["default"].detach().float().reshape(-1)
+            along = scale.reshape(1, -1) if layer.is_feedforward else scale.reshape(-1, 1)
+            yield WeightChange(name, weight, weight * (along - 1), rank_limit=None)
 
     def peft_config(self, *, head_modules: list[str], task_type: str, model_type: str) -> PeftConfig:
         from peft import IA3Config

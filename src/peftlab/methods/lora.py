@@ -8,6 +8,7 @@ embeddings in fp32, input gradients) and gradient checkpointing is on; the adapt
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -15,8 +16,8 @@ from pydantic import Field, PositiveInt
 
 from peftlab.errors import InputError
 from peftlab.methods import quantize as quant
-from peftlab.methods.base import BuildModel, MethodSettings
-from peftlab.methods.peft_common import PeftMethod, default_targets
+from peftlab.methods.base import BuildModel, MethodSettings, WeightChange
+from peftlab.methods.peft_common import PeftMethod, adapted_layers, base_weight, default_targets
 from peftlab.registry import METHODS
 
 if TYPE_CHECKING:  # PEFT and torch load when a model is adapted, not when a config is validated
@@ -111,6 +112,18 @@ class Lora(PeftMethod):
 
     def load(self, build: BuildModel, directory: Path) -> nn.Module:
         return quant.keep_training_layout(super().load(build, directory))
+
+    def weight_changes(self, model: nn.Module, base: Callable[[], nn.Module]) -> Iterator[WeightChange]:
+        """ΔW = B·A·(alpha/r) per adapted matrix (Hu et al. 2021), with A kept for subspace comparisons."""
+        from peft.tuners.lora import LoraLayer
+
+        for name, layer in adapted_layers(model, LoraLayer):
+            if "default" not in layer.lora_A:  # embeddings adapted by lora_embedding_*: not a linear map
+                continue
+            a = layer.lora_A["default"].weight.detach().float()
+            b = layer.lora_B["default"].weight.detach().float()
+            delta = (b @ a) * float(layer.scaling["default"])
+            yield WeightChange(name, base_weight(layer), delta, rank_limit=a.shape[0], factor=a)
 
     def peft_config(self, *, head_modules: list[str], task_type: str, model_type: str) -> PeftConfig:
         from peft import LoraConfig

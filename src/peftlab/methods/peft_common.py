@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # PEFT and torch load when a model is adapted, not when a config is validated
+    import torch
     from peft import PeftConfig
     from torch import nn
 
@@ -35,6 +37,23 @@ class PeftMethod(Method):
         model = PeftModel.from_pretrained(build(None), directory)
         model.eval()
         return model
+
+
+def adapted_layers(model: nn.Module, layer_type: type) -> Iterator[tuple[str, nn.Module]]:
+    """(name in the task model, layer) for each PEFT layer of `layer_type` (LoraLayer, IA3Layer)."""
+    for name, module in model.named_modules():
+        if isinstance(module, layer_type):
+            yield name.removeprefix("base_model.model."), module
+
+
+def base_weight(layer: nn.Module) -> torch.Tensor:
+    """A PEFT layer's frozen base weight as float32 [out, in]: dequantized when 4-bit (QLoRA's ΔW is
+    measured against the weights the adapter actually sits on), transposed for fan_in_fan_out."""
+    from peft.utils.integrations import dequantize_module_weight
+
+    base = layer.get_base_layer()
+    weight = dequantize_module_weight(base).detach().float()
+    return weight.T if getattr(layer, "fan_in_fan_out", False) else weight
 
 
 def default_targets(table: dict[str, Any], model_type: str, what: str, method: str) -> Any:

@@ -41,7 +41,7 @@ def build_report(path: Path | str) -> dict[str, Path]:
             f"{path}: not an experiment folder (no experiment.yaml); "
             "expected runs/<experiment>/ as written by `peftlab run`"
         )
-    from peftlab.report import multitask, tradeoffs
+    from peftlab.report import inside, multitask, tradeoffs
 
     experiment = exp_dir.experiment()
     if multitask.is_multitask(experiment):  # several models or tasks: the study's multi-task layout
@@ -58,6 +58,7 @@ def build_report(path: Path | str) -> dict[str, Path]:
     blocks += results_blocks(rows, columns, baselines.get("primary_metric"), splits)
     blocks += sweep_blocks(exp_dir, runs, scored, baselines.get("primary_metric") or _primary(runs))
     blocks += tradeoffs.tradeoff_blocks(exp_dir, runs, baselines.get("baselines") or {}, splits[-1])
+    blocks += inside.inside_blocks(exp_dir, runs, baselines.get("primary_metric") or _primary(runs), splits[-1])
     blocks += multitask.early_stopping_blocks(runs) + multitask.truncation_blocks(runs)
     blocks += settings_blocks(runs)
     blocks += figure_blocks(exp_dir, runs, baselines, splits)

@@ -38,6 +38,7 @@ from peftlab.report import (
     settings_blocks,
     summary_hardware,
 )
+from peftlab.report.inside import inside_blocks
 from peftlab.report.render import Block, Heading, Paragraph, Table, aligned_text, to_html, to_markdown
 from peftlab.report.sweeps import selection_blocks
 from peftlab.report.tradeoffs import tradeoff_blocks
@@ -115,6 +116,7 @@ def build_multitask_report(exp_dir: ExperimentDir, experiment: dict[str, Any]) -
             group = [c.run for c in cells if (c.model, c.task) == (model, task.key)]
             tag = group_name(model, task.key)
             blocks += tradeoff_blocks(exp_dir, group, _baselines(exp_dir, model, task.key), split, tag)
+            blocks += inside_blocks(exp_dir, group, None, split, tag)  # primary: the runs' own
     blocks += settings_blocks(runs)
     blocks += figure_blocks(exp_dir, runs, {}, splits)
     blocks += failure_blocks(runs) + damage_blocks(exp_dir)
