@@ -109,9 +109,12 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     engine.set_threads()
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
-    results = analyze_runs(
-        [Path(p) for p in args.run_dirs], log, parts=args.parts, examples=args.examples, force=args.force
-    )
+    paths = [Path(p) for p in args.run_dirs]
+    if args.reduce_intruders is not None:  # the mitigated runs are written first, then analysed with the rest
+        from peftlab.analysis.mitigation import reduce_intruders
+
+        paths += [reduce_intruders(p, args.reduce_intruders, log).path for p in paths]
+    results = analyze_runs(paths, log, parts=args.parts, examples=args.examples, force=args.force)
     print(format_summary(results))
     if not args.no_report:
         from peftlab.report import build_report
@@ -237,6 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--force", action="store_true", help="measure again even when a current analysis is kept")
     p.add_argument("--no-report", action="store_true", help="do not rebuild the experiments' reports afterwards")
+    p.add_argument(
+        "--reduce-intruders",
+        type=float,
+        metavar="LAMBDA",
+        help="LoRA runs: also write <run>-intruders-LAMBDA, the adapter with each intruder dimension scaled to "
+        "LAMBDA (PEFT's reduce_intruder_dimension; 0.75 is its default), evaluated on the run's splits",
+    )
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("assets", help="offline models and datasets (list, fetch)")

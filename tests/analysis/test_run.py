@@ -135,3 +135,19 @@ def test_a_decoder_is_analysed_with_causal_attention(tmp_path: Path) -> None:
     attention = result["attention"]["splits"]["test"]
     assert attention["causal"] is True
     assert {m["type"] for m in result["weights"]["matrices"]} == {"q_proj", "v_proj"}
+
+
+def test_reduce_intruders_writes_a_new_evaluated_run_that_loads(analysed: Path, capsys) -> None:
+    from peftlab.trained import load_run
+
+    args = ["analyze", str(analysed / "lora"), "--reduce-intruders", "0.5", "--parts", "weights", "--no-report"]
+    assert main(args) == EXIT_OK
+    derived = analysed / "lora-intruders-0.5"
+    metrics = json.loads((derived / "metrics.json").read_text())
+    assert set(metrics["eval"]) == {"validation", "test"} and metrics["derived"]["from"] == "lora"
+    assert metrics["derived"]["mitigation_lambda"] == 0.5
+    assert "lora-intruders-0.5" in capsys.readouterr().out  # analysed beside the original
+    reloaded = load_run(derived)  # a run like any other: it loads and predicts
+    assert reloaded.config["derived"]["how"] == "peft reduce_intruder_dimension"
+    assert main(["analyze", str(analysed / "ia3"), "--reduce-intruders", "0.5"]) == EXIT_BAD_INPUT
+    shutil.rmtree(derived)
