@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 
 import torch
+from bench_generation import SMOLLM2_SHAPE  # benchmarks/ is on the path: run.py and `python benchmarks/...`
 
 from peftlab import assets
 from peftlab.analysis.run import Subject, analyze
@@ -22,18 +23,6 @@ from peftlab.models import load_config, load_tokenizer, resolve_model
 from peftlab.tasks import TASKS
 
 TARGETS = {"minilm-l6": 30.0, "smollm2-135m": 120.0}
-SMOLLM2_SHAPE = {
-    "arch": "llama",
-    "random_init": True,
-    "config": {
-        "hidden_size": 576,
-        "intermediate_size": 1536,
-        "num_hidden_layers": 30,
-        "num_attention_heads": 9,
-        "num_key_value_heads": 3,
-        "tie_word_embeddings": True,
-    },
-}
 
 
 def _source(name: str) -> tuple[object, str]:
@@ -42,7 +31,8 @@ def _source(name: str) -> tuple[object, str]:
         return resolve_model(f"asset:{name}"), f"asset:{name}"
     except Exception as exc:  # offline without the asset: the same shape with random weights
         print(f"  asset {name} unavailable ({type(exc).__name__}): a random model of its shape")
-        return resolve_model(SMOLLM2_SHAPE), "random llama (SmolLM2 shape)"
+        shape = {"arch": "llama", "random_init": True, "config": SMOLLM2_SHAPE}
+        return resolve_model(shape), "random llama (SmolLM2 shape)"
 
 
 def _task(name: str):

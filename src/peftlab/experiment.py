@@ -24,8 +24,8 @@ from datasets import Dataset, DatasetDict
 from peftlab import engine, faults, forgetting
 from peftlab.analysis.finished import analyze_finished
 from peftlab.analysis.run import Subject, analyze, check_sizes
-from peftlab.config import DataSpec, ExtraEvalSpec, LoadedExperiment, RunSpec
-from peftlab.data.loading import describe_source, load_rows, load_splits
+from peftlab.config import ExtraEvalSpec, LoadedExperiment, RunSpec
+from peftlab.data.loading import describe_source, load_splits, sample
 from peftlab.errors import EXIT_OK, EXIT_RUN_FAILED, InputError, did_you_mean
 from peftlab.executor import jobs_for, require_ray, run_in_processes, run_in_ray
 from peftlab.integrity import fingerprint
@@ -48,6 +48,7 @@ from peftlab.store import (
 )
 from peftlab.sweep import run_meta, run_protocol
 from peftlab.tasks import TASKS, Task
+from peftlab.trained import read_extra
 
 Log = Callable[[str], None]
 
@@ -189,15 +190,10 @@ def _naming_split(exp: LoadedExperiment, tokenize: Callable[..., Dataset]) -> Ca
 def extra_examples(exp: LoadedExperiment, task: Task, name: str, extra: ExtraEvalSpec) -> Dataset:
     """More evaluation data (`evaluate.extra`), read with the task's fitted labels; InputError if unfit."""
     assert exp.spec.data is not None
-    spec = DataSpec(source=extra.source, config_name=extra.config_name, max_length=exp.spec.data.max_length)
     try:
-        rows, where = load_rows(spec, extra.split, exp.base_dir)
-        examples = task.examples_from_rows(rows, where)
+        return read_extra(task, extra, exp.spec.data.seed, exp.base_dir)
     except InputError as exc:
         raise InputError(f"{exp.path}: {_label(exp)}evaluate.extra.{name}: {exc}") from None
-    if extra.limit is not None and extra.limit < len(examples):
-        examples = examples.shuffle(seed=exp.spec.data.seed).select(range(extra.limit))
-    return examples
 
 
 def _label(exp: LoadedExperiment) -> str:
@@ -462,7 +458,7 @@ def execute_run(prep: Prepared, run: RunSpec, log: Log) -> bool:
     write_yaml(folder.config_file, config)
     folder.set_status(RUNNING, started=time.strftime("%Y-%m-%dT%H:%M:%S"))
     try:
-        metrics = train_and_evaluate(prep, run, folder, log)
+        metrics, method, model = train_and_evaluate(prep, run, folder, log)
     except KeyboardInterrupt:
         folder.set_status(FAILED, error="interrupted (KeyboardInterrupt); run again to resume")
         raise
@@ -478,6 +474,11 @@ def execute_run(prep: Prepared, run: RunSpec, log: Log) -> bool:
     faults.point("metrics")  # kill point: metrics written, the run not yet done
     folder.record_done(finished=time.strftime("%Y-%m-%dT%H:%M:%S"), train_seconds=metrics["train"]["train_seconds"])
     faults.point("done")
+    if prep.exp.spec.analysis is not None and run.stage != "sweep":  # after `done`: a kill here costs no training
+        try:
+            analyze(analysis_subject(prep, run, method, model), prep.exp.spec.analysis, folder.path / "analysis", log)
+        except Exception as exc:  # the run stands; the next `run` or `peftlab analyze` measures it again
+            log(f"[{run.name}] analysis FAILED: {_failure(exc)}")
     return True
 
 
@@ -492,7 +493,8 @@ def build_run_model(prep: Prepared, run: RunSpec) -> tuple[Any, Any]:
     return method, model
 
 
-def train_and_evaluate(prep: Prepared, run: RunSpec, folder: RunDir, log: Log) -> dict[str, Any]:
+def train_and_evaluate(prep: Prepared, run: RunSpec, folder: RunDir, log: Log) -> tuple[dict[str, Any], Method, Any]:
+    """Train, evaluate and save one run; its metrics (as written), its method and the trained model."""
     method, model = build_run_model(prep, run)
     trainable, total = count_parameters(model)
     precision = engine.resolve_precision(run.train.precision)
@@ -534,8 +536,6 @@ def train_and_evaluate(prep: Prepared, run: RunSpec, folder: RunDir, log: Log) -
         log,
         run.name,
     )
-    if prep.exp.spec.analysis is not None and run.stage != "sweep":
-        analyze(analysis_subject(prep, run, method, model), prep.exp.spec.analysis, folder.path / "analysis", log)
     epochs = max(result.epochs_run, 1e-9)
     metrics = {
         "run": run.name,
@@ -573,17 +573,11 @@ def train_and_evaluate(prep: Prepared, run: RunSpec, folder: RunDir, log: Log) -
         f"{split} {prep.task.primary_metric} {m[prep.task.primary_metric]:.4f}" for split, m in evaluation.items()
     )
     log(f"[{run.name}] done in {result.train_seconds:.0f}s training: {summary}")
-    return metrics
+    return metrics, method, model
 
 
 def analysis_subject(prep: Prepared, run: RunSpec, method: Method, model: Any) -> Subject:
     """The trained model, its base (quantized as the run's was) and the evaluated examples, for analysis."""
-    from transformers import set_seed
-
-    def build_base() -> Any:
-        set_seed(run.train.seed)
-        return prep.task.build_model(prep.source, prep.tokenizer, **method.load_kwargs())
-
     data = prep.exp.spec.data
     assert data is not None and data.max_length is not None
     return Subject(
@@ -591,7 +585,7 @@ def analysis_subject(prep: Prepared, run: RunSpec, method: Method, model: Any) -
         run.method,
         method,
         model,
-        build_base,
+        lambda: base_model(prep, run.train.seed, **method.load_kwargs()),
         prep.model_type,
         prep.task,
         prep.tokenizer,
@@ -611,8 +605,7 @@ def training_set(prep: Prepared, run: RunSpec) -> tuple[int, Dataset]:
     data = prep.exp.spec.data
     assert data is not None and data.max_length is not None
     count = max(1, math.ceil(run.data_fraction * len(examples)))
-    sample = examples.shuffle(seed=data.seed).select(range(count))
-    return count, prep.task.featurize(sample, prep.tokenizer, data.max_length)
+    return count, prep.task.featurize(sample(examples, count, data.seed), prep.tokenizer, data.max_length)
 
 
 def task_summary(task: Task, name: str) -> dict[str, Any]:
@@ -735,12 +728,15 @@ def _first_train(prep: Prepared) -> Any:
     return prep.exp.runs[0].train if prep.exp.runs else prep.exp.spec.train
 
 
-def base_model(prep: Prepared) -> Any:
-    """The pretrained model as every run starts from it, before any method: the untrained baseline."""
+def base_model(prep: Prepared, seed: int | None = None, **load_kwargs: Any) -> Any:
+    """The pretrained model as every run starts from it, before any method: the untrained baseline.
+
+    `seed` (default: the experiment's) decides a random-weight model and the fresh head; `load_kwargs`
+    load it as a method does (e.g. 4-bit for QLoRA, so an analysis compares like with like)."""
     from transformers import set_seed
 
-    set_seed(prep.exp.spec.train.seed)
-    return prep.task.build_model(prep.source, prep.tokenizer)
+    set_seed(prep.exp.spec.train.seed if seed is None else seed)
+    return prep.task.build_model(prep.source, prep.tokenizer, **load_kwargs)
 
 
 def forgetting_base(prep: Prepared, log: Log) -> dict[str, dict[str, Any]]:

@@ -90,7 +90,7 @@ def _prepare_one(
     model_ref: str,
     precision: str,
 ) -> ForgettingSet:
-    from peftlab.data.loading import load_rows  # datasets: loaded when a set is read, not for the report
+    from peftlab.data.loading import load_rows, sample  # datasets: loaded when a set is read, not for the report
 
     spec = exp.spec
     assert spec.data is not None
@@ -108,8 +108,8 @@ def _prepare_one(
         raise InputError(f"task {task_name} cannot read these rows without its labels given ({exc})") from None
     if len(examples) == 0:
         raise InputError(f"{where}: no examples")
-    if item.limit is not None and item.limit < len(examples):
-        examples = examples.shuffle(seed=spec.data.seed).select(range(item.limit))
+    if item.limit is not None:
+        examples = sample(examples, item.limit, spec.data.seed)
     features = task.predict_features(examples, tokenizer, max_length)
     key = {
         "model": model_ref,

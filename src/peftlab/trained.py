@@ -17,8 +17,8 @@ from typing import Any
 from datasets import Dataset
 
 from peftlab import engine
-from peftlab.config import DataSpec, TrainSpec
-from peftlab.data.loading import load_rows
+from peftlab.config import DataSpec, ExtraEvalSpec, TrainSpec
+from peftlab.data.loading import load_rows, sample
 from peftlab.errors import InputError
 from peftlab.methods import METHODS, Method
 from peftlab.models import ModelSource, ensure_pad_token, resolve_model
@@ -92,6 +92,14 @@ def examples_for(run: TrainedRun, data: str, split: str | None, labelled: bool =
     spec = DataSpec(source=data, max_length=run.max_length)
     rows, where = load_rows(spec, split)
     return run.task.examples_from_rows(rows, where, labelled=labelled), where
+
+
+def read_extra(task: Task, extra: ExtraEvalSpec, seed: int, base_dir: Path | None = None) -> Dataset:
+    """More evaluation data (`evaluate.extra`) read with the task's fitted labels, at most `extra.limit`
+    of it (a seeded sample): the same rows for training-time evaluation and for `analyze` later."""
+    rows, where = load_rows(DataSpec(source=extra.source, config_name=extra.config_name), extra.split, base_dir)
+    examples = task.examples_from_rows(rows, where)
+    return examples if extra.limit is None else sample(examples, extra.limit, seed)
 
 
 def slug(text: str) -> str:

@@ -49,7 +49,8 @@ def evaluated_splits(folder: RunDir) -> tuple[list[str], dict[str, Any]]:
 def examples_of(run: TrainedRun) -> dict[str, Dataset]:
     """The run's evaluated splits (and extra sets) as canonical examples, read as the run read them."""
     from peftlab.config import DataSpec, ExtraEvalSpec
-    from peftlab.data.loading import describe_source, load_rows, load_splits
+    from peftlab.data.loading import describe_source, load_splits
+    from peftlab.trained import read_extra
 
     splits, extra = evaluated_splits(run.folder)
     data = DataSpec.model_validate(run.config["data"])
@@ -62,11 +63,7 @@ def examples_of(run: TrainedRun) -> dict[str, Dataset]:
     out = {split: run.task.examples_from_rows(raw[split], f"{where} [{split}]") for split in splits if split in raw}
     for name, item in extra.items():
         spec = ExtraEvalSpec.model_validate(item if isinstance(item, dict) else {"source": item})
-        rows, found = load_rows(DataSpec(source=spec.source, config_name=spec.config_name), spec.split)
-        examples = run.task.examples_from_rows(rows, found)
-        if spec.limit is not None and spec.limit < len(examples):
-            examples = examples.shuffle(seed=data.seed).select(range(spec.limit))
-        out[name] = examples
+        out[name] = read_extra(run.task, spec, data.seed)
     return out
 
 
@@ -108,24 +105,15 @@ def analyze_finished(path: Path, spec: AnalysisSpec, log: Log, *, force: bool = 
     return analyze(subject, spec, folder.path / FOLDER, log)
 
 
-def check_examples(spec: AnalysisSpec, examples: int | None) -> AnalysisSpec:
-    """`--examples N` applied; N ≤ 0 is an input error."""
-    if examples is not None and examples <= 0:
-        raise InputError(f"--examples: expected a number of examples > 0, got {examples}")
-    return spec.for_examples(examples)
-
-
 def settings_for(folder: RunDir, parts: list[str] | None, examples: int | None) -> AnalysisSpec:
     """The experiment's own `analysis:` settings when it has them, else every part with its defaults;
-    `parts` keeps only those, `examples` sets both passes' example count."""
+    `parts`: exactly those parts (the experiment's settings for them, else their defaults); `examples`
+    sets both passes' example count."""
     given = ExperimentDir(folder.path.parent).experiment().get("analysis")
     spec = AnalysisSpec.model_validate(given if isinstance(given, dict) and given else True)
     if parts is not None:
-        spec = AnalysisSpec.model_validate({**spec.model_dump(), **{p: None for p in spec.parts if p not in parts}})
-        missing = [p for p in parts if getattr(spec, p) is None]
-        if missing:
-            spec = AnalysisSpec.model_validate({**spec.model_dump(), **{p: {} for p in missing}})
-    return check_examples(spec, examples)
+        spec = AnalysisSpec.model_validate({"splits": spec.splits, **{p: getattr(spec, p) or True for p in parts}})
+    return spec.for_examples(examples)
 
 
 def analyze_runs(

@@ -113,13 +113,16 @@ def k_energy(sv: torch.Tensor, share: float = 0.9) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
-def amplification(delta: torch.Tensor, weight: torch.Tensor, r: int) -> float:
+def amplification(
+    delta: torch.Tensor, weight: torch.Tensor, r: int, *, vectors: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> float:
     """Hu et al. (2021) §7.3 amplification factor ‖ΔW‖_F / ‖Uᵀ W V‖_F.
 
     U (m×r) and V (n×r) are the top-r left and right singular vectors of ΔW, so the denominator is how
     much W already does in the directions ΔW uses. A large factor means the update amplifies directions
     that W had not emphasised (Hu et al. report ≈ 21.5 for GPT-3 W_q at r = 4). nan when ΔW = 0 or W
     has nothing in those directions, up to round-off (`AMPLIFICATION_FLOOR`): the ratio is undefined.
+    `vectors`: ΔW's (U, Vh) when its SVD is at hand already (weights.py computes it once per matrix).
     """
     d, w = _f32(delta), _f32(weight)
     if d.shape != w.shape or d.dim() != 2:
@@ -129,12 +132,18 @@ def amplification(delta: torch.Tensor, weight: torch.Tensor, r: int) -> float:
     numerator = float(torch.linalg.matrix_norm(d))
     if numerator == 0:
         return float("nan")
-    u, _, vh = torch.linalg.svd(d, full_matrices=False)
+    if vectors is None:
+        found = torch.linalg.svd(d, full_matrices=False)
+        vectors = (found.U, found.Vh)
+    u, vh = vectors
     r = min(r, u.shape[1])
     denominator = float(torch.linalg.matrix_norm(u[:, :r].T @ w @ vh[:r].T))
     if denominator <= AMPLIFICATION_FLOOR * float(torch.linalg.matrix_norm(w)):
         return float("nan")  # zero up to float32 round-off: the ratio would be noise, not a large factor
     return numerator / denominator
+
+
+EPSILONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # the ε sweep reported beside the chosen ε
 
 
 def _intruder_report(
@@ -172,7 +181,7 @@ def intruders(
     tuned: torch.Tensor,
     top_k: int = 10,
     epsilon: float = 0.5,
-    epsilons: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+    epsilons: tuple[float, ...] = EPSILONS,
     *,
     base_u: torch.Tensor | None = None,
 ) -> dict:
@@ -194,10 +203,9 @@ def intruders(
     w0, w = _f32(base), _f32(tuned)
     if w0.shape != w.shape or w.dim() != 2:
         raise ValueError(f"base and tuned must be matrices of one shape, got {tuple(w0.shape)} and {tuple(w.shape)}")
-    u_base = _left_vectors(w0) if base_u is None else _f32(base_u)
-    if u_base.shape[0] != w.shape[0]:
-        raise ValueError(f"base_u has {u_base.shape[0]} rows, the weights have {w.shape[0]}")
-    return _intruder_report(_left_vectors(w), u_base, w - w0, top_k, epsilon, epsilons)
+    if base_u is not None and base_u.shape[0] != w.shape[0]:
+        raise ValueError(f"base_u has {base_u.shape[0]} rows, the weights have {w.shape[0]}")
+    return intruders_batched(w0, w[None], top_k, epsilon, epsilons, base_u=base_u)[0]
 
 
 def intruders_batched(
@@ -205,7 +213,7 @@ def intruders_batched(
     tuned: torch.Tensor,
     top_k: int = 10,
     epsilon: float = 0.5,
-    epsilons: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+    epsilons: tuple[float, ...] = EPSILONS,
     *,
     base_u: torch.Tensor | None = None,
 ) -> list[dict]:
@@ -241,19 +249,11 @@ def right_basis(matrix: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def subspace_similarity(basis1: torch.Tensor, basis2: torch.Tensor) -> torch.Tensor:
-    """Hu et al. (2021) §7.2: φ[i-1, j-1] = ‖U1[:, :i]ᵀ U2[:, :j]‖_F² / min(i, j), i ≤ k1, j ≤ k2.
+    """Hu et al. (2021) §7.2: φ[i-1, j-1] = ‖U1[:, :i]ᵀ U2[:, :j]‖_F² / min(i, j), i ≤ k1, j ≤ k2, for
+    orthonormal bases [n, k] (float32 out); computed by `analysis.subspace.similarity_grid`."""
+    from peftlab.analysis.subspace import similarity_grid
 
-    With orthonormal columns φ lies in [0, 1]: 1 when the smaller of the two subspaces lies inside the
-    other, 0 when they are orthogonal. ‖U1[:, :i]ᵀ U2[:, :j]‖_F² is the (i, j) prefix sum of the squared
-    cross-Gram matrix, so the whole grid is two cumulative sums.
-    """
-    b1, b2 = _f32(basis1), _f32(basis2)
-    if b1.dim() != 2 or b2.dim() != 2 or b1.shape[0] != b2.shape[0]:
-        raise ValueError(f"bases must be [n, k] with one n, got {tuple(b1.shape)} and {tuple(b2.shape)}")
-    prefix = ((b1.T @ b2) ** 2).cumsum(0).cumsum(1)
-    i = torch.arange(1, b1.shape[1] + 1, dtype=torch.float32)
-    j = torch.arange(1, b2.shape[1] + 1, dtype=torch.float32)
-    return prefix / torch.minimum(i[:, None], j[None, :])
+    return torch.from_numpy(similarity_grid(_f32(basis1).numpy(), _f32(basis2).numpy())).float()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -3,8 +3,9 @@
 PEFT's `reduce_intruder_dimension` does the work (it subtracts (1 − λ) of each intruder direction of
 W0 + ΔW and refits a rank-r adapter); peftlab writes the result as a sibling run folder
 `<run>-intruders-<λ>` (config, adapter, metrics on the run's evaluated splits, predictions), so the
-report sets the mitigated adapter beside the original: what it costs in score, and — once `peftlab run`
-scores forgetting sets on it — what it gives back. LoRA runs only (as PEFT).
+report sets the mitigated adapter beside the original: what it costs in score (and, scored on a general
+set with `peftlab eval`, what it gives back). The method does the reduction
+(`Method.reduce_intruders`: LoRA's, as PEFT's function; other methods refuse it, exit 2).
 """
 
 from __future__ import annotations
@@ -25,26 +26,15 @@ Log = Callable[[str], None]
 def reduce_intruders(path: Path, strength: float, log: Log, *, top_k: int = 10, epsilon: float = 0.5) -> RunDir:
     """Write `<run>-intruders-<λ>`: the run's LoRA with intruders scaled to λ, evaluated like the run."""
     folder = check_finished(path)
-    if folder.config().get("method") != "lora":
-        raise InputError(
-            f"{path}: --reduce-intruders works on LoRA runs (this run's method: {folder.config()['method']})"
-        )
     if not 0 <= strength < 1:
         raise InputError(f"--reduce-intruders: expected λ in [0, 1) (the share of each intruder kept), got {strength}")
-    from peft.tuners.lora.intruders import reduce_intruder_dimension
-
     from peftlab.trained import load_run
 
     run = load_run(folder.path)
-    counts: list[str] = []
-    reduce_intruder_dimension(
-        run.model,
-        top_k=top_k,
-        threshold_epsilon=epsilon,
-        mitigation_lambda=strength,
-        logging_sink=counts.append,
-    )
-    _make_default(run.model, "intruder_reduced")
+    try:
+        counts = run.method.reduce_intruders(run.model, strength, top_k, epsilon)
+    except InputError as exc:
+        raise InputError(f"{path}: --reduce-intruders: {exc}") from None
     target = RunDir(folder.path.parent / f"{folder.name}-intruders-{strength:g}")
     shutil.rmtree(target.path, ignore_errors=True)
     target.path.mkdir(parents=True)
@@ -75,18 +65,6 @@ def reduce_intruders(path: Path, strength: float, log: Log, *, top_k: int = 10, 
         f"written to {target.path}"
     )
     return target
-
-
-def _make_default(model: Any, name: str) -> None:
-    """Make the mitigated adapter the one saved as `default` (what load_run reads back)."""
-    from peft.tuners.lora import LoraLayer
-
-    for module in model.modules():
-        if isinstance(module, LoraLayer) and name in module.lora_A:
-            module.lora_A["default"].weight.data = module.lora_A[name].weight.data.clone()
-            module.lora_B["default"].weight.data = module.lora_B[name].weight.data.clone()
-    model.set_adapter("default")
-    model.delete_adapter(name)
 
 
 def _derived(folder: RunDir, strength: float, top_k: int, epsilon: float) -> dict[str, Any]:

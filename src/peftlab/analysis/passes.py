@@ -63,18 +63,16 @@ def _forward(model: nn.Module, batch: dict[str, torch.Tensor], attentions: bool)
     return backbone(**batch, output_hidden_states=True, output_attentions=attentions, return_dict=True)
 
 
-def is_causal(model: nn.Module) -> bool:
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = inner.config
-    return not getattr(config, "is_encoder_decoder", False) and bool(
-        getattr(config, "is_decoder", False) or config.model_type not in ENCODERS
-    )
+def is_causal(attention: torch.Tensor, mask: torch.Tensor) -> bool:
+    """Whether attention rows see only earlier tokens: every weight above the diagonal between real
+    tokens is exactly 0 (a decoder's mask gives -inf there). Read off the weights themselves, so no
+    list of architectures can go stale. attention [B, H, S, S], mask [B, S]."""
+    import torch
 
-
-# Architectures whose attention is bidirectional (every other model type peftlab loads is a decoder LM).
-ENCODERS = frozenset(
-    {"bert", "distilbert", "roberta", "xlm-roberta", "deberta", "deberta-v2", "electra", "albert", "mpnet", "camembert"}
-)
+    real = mask.bool()
+    above = torch.ones(mask.shape[-1], mask.shape[-1], dtype=torch.bool, device=mask.device).triu(1)
+    pairs = (real[:, :, None] & real[:, None, :] & above)[:, None].expand_as(attention)
+    return bool((attention[pairs] == 0).all())
 
 
 def drift(
@@ -132,13 +130,15 @@ def attention(
     """Attention entropy, distance and base-vs-tuned JS divergence per layer and head."""
     import torch
 
-    causal = is_causal(tuned)
+    causal: bool | None = None
     sums: dict[str, list[dict[str, torch.Tensor]]] = {"base": [], "tuned": [], "js": []}
     with torch.no_grad(), eager_attention(base, tuned):
         for batch in backbone_batches(features, collator, spec.batch_size):
             mask = batch["attention_mask"]
             first = _forward(base, batch, attentions=True).attentions
             second = _forward(tuned, batch, attentions=True).attentions
+            if causal is None:
+                causal = is_causal(first[0], mask)
             for layer, (a, b) in enumerate(zip(first, second, strict=True)):
                 _accumulate(sums["base"], layer, measures.attention_stats(a.float(), mask, causal))
                 _accumulate(sums["tuned"], layer, measures.attention_stats(b.float(), mask, causal))
@@ -151,7 +151,7 @@ def attention(
         "rows": int(sums["js"][0]["rows"][0]) if sums["js"] else 0,
         "layers": len(js_layers),
         "heads": len(js_layers[0]) if js_layers else 0,
-        "causal": causal,
+        "causal": bool(causal),
         "js": js_layers,
     }
     for key in ("entropy", "entropy_norm", "entropy_norm_no_first", "distance"):

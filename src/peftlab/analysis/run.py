@@ -124,14 +124,13 @@ def _chosen_splits(subject: Subject, spec: AnalysisSpec) -> list[str]:
 def _weights(
     subject: Subject, spec: AnalysisSpec, base_model: Callable[[], nn.Module]
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    from peftlab.analysis.weights import analyze_weights, focus_for
-    from peftlab.methods import METHODS
+    from peftlab.analysis.weights import analyze_weights
 
     assert spec.weights is not None
-    focus = focus_for(
-        subject.method.dense_update,
-        spec.weights,
-        lambda: list(METHODS.get("lora")().resolve(subject.model_type)["target_modules"]),
+    focus = (
+        spec.weights.matrices
+        if spec.weights.matrices is not None
+        else subject.method.analysis_focus(subject.model_type)
     )
     changes = subject.method.weight_changes(subject.model, base_model)
     return analyze_weights(changes, spec.weights, focus)
@@ -141,6 +140,7 @@ def _passes(
     part: str, subject: Subject, spec: AnalysisSpec, splits: list[str], base_model: Callable[[], nn.Module]
 ) -> dict[str, Any]:
     from peftlab.analysis import passes
+    from peftlab.data.loading import sample  # every run and the base see the same examples
 
     settings = getattr(spec, part)
     collator = subject.task.collator(subject.tokenizer)
@@ -178,13 +178,6 @@ def check_sizes(spec: AnalysisSpec, sizes: dict[str, int], where: str) -> None:
                 )
 
 
-def sample(examples: Dataset, n: int, seed: int) -> Dataset:
-    """The first n of a seeded shuffle: every run and the base see the same examples."""
-    if n >= len(examples):
-        return examples
-    return examples.shuffle(seed=seed).select(range(n))
-
-
 def _npz(bases: dict[str, torch.Tensor]) -> bytes:
     import numpy as np
 
@@ -210,11 +203,12 @@ def summary_line(result: dict[str, Any]) -> str:
 
 
 def mean_of(values: Any) -> float | None:
-    """Mean of a list or a list of lists of numbers (nan ignored); None when empty."""
-    flat: list[float] = []
-    for value in values or []:
-        flat += value if isinstance(value, list) else [value]
-    numbers = [float(v) for v in flat if isinstance(v, int | float) and v == v]
+    """Mean of a list (or list of lists) of numbers, None, nan and non-numbers skipped; None when nothing
+    is left (also what the report reads files with: a damaged value shows as "—", never a crash)."""
+    flat = [
+        v for row in (values if isinstance(values, list) else []) for v in (row if isinstance(row, list) else [row])
+    ]
+    numbers = [float(v) for v in flat if isinstance(v, int | float) and not isinstance(v, bool) and v == v]
     return sum(numbers) / len(numbers) if numbers else None
 
 

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
+
+import torch
 
 from peftlab.analysis import measures
 
 if TYPE_CHECKING:
-    import torch
-
     from peftlab.analysis.settings import WeightsSpec
     from peftlab.methods.base import WeightChange
 
@@ -63,14 +63,16 @@ def analyze_weights(
             rest.append(_relative(change))
     matrices, bases, spectra = [], {}, defaultdict(list)
     for group in _same_shapes(detailed):
-        values, found = _singular_values([c.delta for c in group]), _intruders(group, spec)
-        for change, sv, intruders in zip(group, values, found, strict=True):
-            entry = _matrix_entry(change, sv, intruders)
+        # one SVD of each ΔW (batched per shape) serves the spectrum, amplification and the subspace basis
+        svd = torch.linalg.svd(torch.stack([c.delta.float() for c in group]), full_matrices=False)
+        for i, (change, found) in enumerate(zip(group, _intruders(group, spec), strict=True)):
+            u, sv, vh = svd.U[i], svd.S[i], svd.Vh[i]
+            entry = _matrix_entry(change, sv, (u, vh), found)
             matrices.append(entry)
             spectra[entry["type"]].append(sv[:SPECTRUM])
-            basis_of = change.factor if change.factor is not None else change.delta
             if float(change.delta.abs().max()) > 0:
-                bases[change.name] = measures.right_basis(basis_of, BASIS).contiguous()
+                basis = measures.right_basis(change.factor, BASIS) if change.factor is not None else vh[:BASIS].T
+                bases[change.name] = basis.contiguous()
     matrices.sort(key=lambda m: (m["layer"] if m["layer"] is not None else -1, m["name"]))
     by_type: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for entry in matrices:
@@ -91,22 +93,16 @@ def _same_shapes(changes: list[WeightChange]) -> list[list[WeightChange]]:
     return list(groups.values())
 
 
-def _singular_values(deltas: list[torch.Tensor]) -> list[torch.Tensor]:
-    import torch
-
-    return list(measures.singular_values(torch.stack([d.float() for d in deltas])))
-
-
 def _intruders(group: list[WeightChange], spec: WeightsSpec) -> list[dict[str, Any]]:
     """Intruder dimensions of same-shaped matrices: two batched SVDs (W0 and W0 + ΔW) for the group."""
-    import torch
-
     base = torch.stack([c.base for c in group])
     tuned = torch.stack([c.base + c.delta for c in group])
     return measures.intruders_batched(base, tuned, top_k=spec.top_k, epsilon=spec.epsilon)
 
 
-def _matrix_entry(change: WeightChange, sv: torch.Tensor, found: dict[str, Any]) -> dict[str, Any]:
+def _matrix_entry(
+    change: WeightChange, sv: torch.Tensor, vectors: tuple[torch.Tensor, torch.Tensor], found: dict[str, Any]
+) -> dict[str, Any]:
     layer, kind = layer_and_type(change.name)
     norm = float(change.delta.norm())
     base_norm = float(change.base.norm())
@@ -123,7 +119,7 @@ def _matrix_entry(change: WeightChange, sv: torch.Tensor, found: dict[str, Any])
         "effective_rank": measures.effective_rank(sv),
         "stable_rank": measures.stable_rank(sv),
         "k90": k90,
-        "amplification": measures.amplification(change.delta, change.base, r) if norm > 0 else None,
+        "amplification": measures.amplification(change.delta, change.base, r, vectors=vectors) if norm > 0 else None,
         "amplification_r": r,
         "intruders": found["count"],
         "intruders_by_epsilon": found["by_epsilon"],
@@ -178,11 +174,3 @@ def _rest_summary(rest: list[dict[str, Any]]) -> dict[str, Any] | None:
         "relative_change": sum(values) / len(values) if values else None,
         "by_type": {kind: sum(v) / len(v) for kind, v in by_type.items()},
     }
-
-
-def focus_for(dense: bool, spec: WeightsSpec, lora_default: Callable[[], list[str]]) -> list[str] | None:
-    """The matrices to look at in detail: all a PEFT method adapted; for full fine-tuning the configured
-    ones, else the ones LoRA adapts by default on this architecture."""
-    if not dense:
-        return spec.matrices
-    return spec.matrices if spec.matrices is not None else lora_default()

@@ -95,13 +95,19 @@ def _merge_sources(spec: DataSpec, base_dir: Path, needed: tuple[str, ...]) -> t
     return out, describe_source(spec)
 
 
+def sample(ds: Dataset, n: int, seed: int) -> Dataset:
+    """The first n rows of a seeded shuffle (all rows when there are no more than n): limits, extra and
+    forgetting sets, sweep fractions and analysis passes all draw the same rows for the same seed."""
+    return ds if n >= len(ds) else ds.shuffle(seed=seed).select(range(n))
+
+
 def _limited(ds: Dataset, source: SourceSpec, split: str, seed: int, key: str) -> Dataset:
     limit = source.limits.get(split)
     if limit is None:
         return ds
     if limit > len(ds):
         raise InputError(f"{key}: limits.{split}: {limit} is larger than the {len(ds)} examples of the {split} split")
-    return ds.shuffle(seed=seed).select(range(limit))
+    return ds.shuffle(seed=seed).select(range(limit))  # shuffled even at the full size: the order is part of it
 
 
 def _source_rows(ds: Dataset, source: SourceSpec, where: str) -> list[dict[str, Any]]:
@@ -160,8 +166,8 @@ def _check_and_limit(spec: DataSpec, splits: DatasetDict, where: str) -> None:
 
     check_limits(spec, {name: len(ds) for name, ds in splits.items()}, where)
     for name, limit in spec.limits.items():
-        if name in splits and limit < len(splits[name]):
-            splits[name] = splits[name].shuffle(seed=spec.seed).select(range(limit))
+        if name in splits:
+            splits[name] = sample(splits[name], limit, spec.seed)
 
 
 def _load_source(spec: DataSpec | SourceSpec, base_dir: Path) -> tuple[dict[str, Dataset], str]:

@@ -76,9 +76,10 @@ class Method:
         None: the default estimate (4 bytes per weight) applies."""
         return None
 
-    # True when training may change every weight (full fine-tuning): `analysis` then looks in detail at
-    # the matrices a LoRA would adapt and summarises the rest, so the methods are compared on the same ones.
-    dense_update: ClassVar[bool] = False
+    def analysis_focus(self, model_type: str) -> list[str] | None:
+        """The matrices `analysis` looks at in detail (names or suffixes); None: every matrix the method
+        changed. A method that changes every weight names the ones to compare with the others."""
+        return None
 
     def weight_changes(self, model: nn.Module, base: Callable[[], nn.Module]) -> Iterator[WeightChange]:
         """ΔW of every weight matrix of the backbone that training changed, beside its W0.
@@ -87,6 +88,14 @@ class Method:
         matrix: right for any method that trains weights in place. Methods with their own parameters
         (LoRA, (IA)3) override this with their exact ΔW, which needs no second model."""
         yield from dense_changes(model, base())
+
+    def reduce_intruders(self, model: nn.Module, strength: float, top_k: int, epsilon: float) -> list[str]:
+        """Scale the trained update's intruder dimensions down to `strength` in place (Shuttleworth et al.
+        2024's mitigation); returns a line per matrix saying what was found. Only methods with a
+        low-rank update to refit support it."""
+        from peftlab.errors import InputError
+
+        raise InputError(f"intruder reduction works on LoRA runs, not on {type(self).__name__} runs")
 
     def apply(self, model: nn.Module, *, head_modules: list[str], task_type: str) -> nn.Module:
         raise NotImplementedError

@@ -17,8 +17,14 @@ class Full(Method):
     """Train all weights. The reference point every PEFT method is compared against."""
 
     default_lr = 5e-5
-    dense_update = True
     lr_note = "the usual rate for fine-tuning all weights of a BERT-size model (2e-5 to 5e-5)"
+
+    def analysis_focus(self, model_type: str) -> list[str] | None:
+        """Full fine-tuning changes every matrix; it is looked at in detail on the ones LoRA adapts by
+        default on the architecture, so the two are compared on the same matrices (the rest summarised)."""
+        from peftlab.methods.lora import default_target_table
+
+        return list(default_target_table().get(model_type, [])) or None
 
     def apply(self, model: nn.Module, *, head_modules: list[str], task_type: str) -> nn.Module:
         for param in model.parameters():

@@ -125,6 +125,25 @@ class Lora(PeftMethod):
             delta = (b @ a) * float(layer.scaling["default"])
             yield WeightChange(name, base_weight(layer), delta, rank_limit=a.shape[0], factor=a)
 
+    def reduce_intruders(self, model: nn.Module, strength: float, top_k: int, epsilon: float) -> list[str]:
+        """PEFT's `reduce_intruder_dimension`, then the reduced adapter made the `default` one (what `save`
+        and `load` use); the trained head of `default` stays (PEFT's new adapter would copy the untrained one)."""
+        from peft.tuners.lora import LoraLayer
+        from peft.tuners.lora.intruders import reduce_intruder_dimension
+
+        found: list[str] = []
+        new = "intruder_reduced"
+        reduce_intruder_dimension(
+            model, top_k=top_k, threshold_epsilon=epsilon, mitigation_lambda=strength, logging_sink=found.append
+        )
+        for module in model.modules():
+            if isinstance(module, LoraLayer) and new in module.lora_A:
+                module.lora_A["default"].weight.data = module.lora_A[new].weight.data.clone()
+                module.lora_B["default"].weight.data = module.lora_B[new].weight.data.clone()
+        model.set_adapter("default")
+        model.delete_adapter(new)
+        return found
+
     def peft_config(self, *, head_modules: list[str], task_type: str, model_type: str) -> PeftConfig:
         from peft import LoraConfig
 

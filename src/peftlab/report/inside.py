@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from peftlab.analysis.run import BASES, FOLDER, RESULT, mean_of
+from peftlab.analysis.subspace import similarity_grid
 from peftlab.config import SPLITS
 from peftlab.errors import InputError
 from peftlab.report import fmt_int, fmt_metric, fmt_num, fmt_seconds, plots
@@ -25,7 +27,6 @@ from peftlab.report.render import Block, Figure, Figures, Heading, Paragraph, Ta
 from peftlab.report.sweeps import _log_x, _single_numeric_axis, groups_of
 from peftlab.store import DONE, ExperimentDir, RunDir, read_json
 
-FOLDER, RESULT, BASES = "analysis", "analysis.json", "subspaces.npz"  # as the analysis writes them
 QUERY_TYPES = ("query", "q_proj", "q_lin", "q", "c_attn")  # the matrix Hu et al. look at first
 ROWS, COLUMNS = 8, 64  # the φ grid: i ≤ 8 directions of the smaller adapter, j ≤ 64 of the larger (their Fig. 3)
 DAMAGED = (zipfile.BadZipFile, zlib.error, ValueError, OSError, KeyError, EOFError)
@@ -42,13 +43,6 @@ def _list(value: Any) -> list[Any]:
 
 def _num(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) and value == value else None
-
-
-def _mean(values: Any) -> float | None:
-    """Mean of a list (or list of lists) of numbers, None and nan skipped; None when nothing is left."""
-    flat = [v for row in _list(values) for v in (row if isinstance(row, list) else [row])]
-    numbers = [x for x in map(_num, flat) if x is not None]
-    return sum(numbers) / len(numbers) if numbers else None
 
 
 @dataclass
@@ -197,8 +191,8 @@ def _measures(drift: str | None, attention: str | None) -> dict[str, Measure]:
         "effective rank": weights("effective_rank"),
         "k90": weights("k90"),
         "intruders": weights("intruders"),
-        "mean CKA": lambda a: _mean(a.split("drift", drift or "").get("cka")),
-        "mean JS": lambda a: _mean(a.split("attention", attention or "").get("js")),
+        "mean CKA": lambda a: mean_of(a.split("drift", drift or "").get("cka")),
+        "mean JS": lambda a: mean_of(a.split("attention", attention or "").get("js")),
     }
 
 
@@ -294,12 +288,12 @@ def _sweep_figure(
     for ax, (title, keys) in zip(axes, panels, strict=True):
         for i, key in enumerate(keys):
             found = [(x, v) for x, a in points if (v := m[key](a)) is not None]
-            means = [(x, _mean([v for px, v in found if px == x])) for x in xs]
+            means = [(x, mean_of([v for px, v in found if px == x])) for x in xs]
             shown = [(x, v) for x, v in means if v is not None]
             if shown:
                 ax.plot(*zip(*shown, strict=True), "o-", color=f"C{i}", label=key)
             ax.plot([x for x, _ in found], [v for _, v in found], ".", color=f"C{i}", alpha=0.4)
-            reference = _mean([m[key](a) for a in full])
+            reference = mean_of([m[key](a) for a in full])
             if reference is not None:
                 ax.axhline(reference, color=f"C{i}", ls="--", lw=1, label=f"{key}: full FT")
         _log_x(ax, xs)
@@ -426,16 +420,8 @@ def _lines(
 
 
 def subspace_similarity(u1: np.ndarray, u2: np.ndarray, rows: int = ROWS, columns: int = COLUMNS) -> np.ndarray:
-    """φ[i-1, j-1] = ‖U1[:, :i]ᵀ U2[:, :j]‖_F² / min(i, j) for i ≤ rows, j ≤ columns: 1 when the smaller
-    subspace lies in the other, 0 when they are orthogonal. A prefix block's squared norm is a 2-D prefix
-    sum of the squared cross-Gram matrix, so the whole grid is two cumulative sums."""
-    a, b = np.asarray(u1, dtype=np.float64), np.asarray(u2, dtype=np.float64)
-    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[0]:
-        raise ValueError(f"bases must be [n, k] with one n, got {a.shape} and {b.shape}")
-    a, b = a[:, :rows], b[:, :columns]
-    prefix = np.cumsum(np.cumsum((a.T @ b) ** 2, axis=0), axis=1)
-    i, j = np.arange(1, a.shape[1] + 1), np.arange(1, b.shape[1] + 1)
-    return prefix / np.minimum(i[:, None], j[None, :])
+    """φ on the report's grid (Hu et al. Fig. 3: i ≤ 8 directions of one adapter, j ≤ 64 of the other)."""
+    return similarity_grid(u1, u2, rows, columns)
 
 
 def read_bases(run: RunDir) -> dict[str, np.ndarray] | None:
