@@ -181,3 +181,25 @@ def test_unlabelled_examples_have_no_span_labels(tokenizer) -> None:
     assert "start_positions" not in features.column_names and examples[0]["id"] == "0"
     assert qa.probe_answer({"prediction": ""}) == "[No answer found]"
     assert qa.probe_match({"prediction": "the Ann"}, "Ann") and not qa.probe_match({"prediction": "Bob"}, ["Ann"])
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+def test_peft_qa_models_read_the_segments(tokenizer, method: str) -> None:
+    """PEFT's QUESTION_ANS wrapper drops token_type_ids; the QA task's PEFT model must pass them on, as
+    plain transformers does (BERT tells question from context by them)."""
+    import torch
+
+    from peftlab.methods import METHODS
+
+    qa = task()
+    model = qa.build_model(resolve_model(TINY_BERT), tokenizer)
+    model = METHODS.get(method)().apply(model, head_modules=qa.head_modules(model), task_type=qa.peft_task_type)
+    model.eval()
+    ids = torch.tensor([[2, 5, 6, 3, 7, 8, 9, 3]])
+    first, second = torch.zeros_like(ids), torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1]])
+    with torch.no_grad():
+        a = model(input_ids=ids, token_type_ids=first).start_logits
+        b = model(input_ids=ids, token_type_ids=second).start_logits
+        plain = model.get_base_model()(input_ids=ids, token_type_ids=second).start_logits
+    assert not torch.allclose(a, b)
+    assert torch.equal(b, plain)

@@ -55,7 +55,11 @@ class QuestionAnswering(Task):
     """SQuAD-style extractive QA with a span (start/end) head."""
 
     Options = QAOptions
-    peft_task_type = "QUESTION_ANS"
+    # Not PEFT's QUESTION_ANS: its PeftModelForQuestionAnswering.forward (PEFT 0.21.2) takes
+    # token_type_ids and never passes them on, so BERT reads every token as segment A, in training and
+    # in prediction, while the same model in plain transformers gets the segments. A plain PeftModel
+    # passes every input through (the span head is trained and saved as modules_to_save either way).
+    peft_task_type = None
     primary_metric = "f1"
     score_scale = 100.0  # EM and F1 x100, as the SQuAD evaluation script and the study report them
     higher_is_better: ClassVar[dict[str, bool]] = {"exact_match": True, "f1": True, "loss": False}
