@@ -342,11 +342,36 @@ def instantiate(
         setattr(config, key, value)
     if getattr(config, "pad_token_id", None) is None and tokenizer is not None:
         config.pad_token_id = tokenizer.pad_token_id  # decoder models batch with padding
+    import torch
+
     with _quiet_transformers():
+        rng = torch.get_rng_state()
         model = auto_cls.from_config(config)
+        if source.kind == "random":
+            _same_backbone_for_every_head(model, config, rng)
     if weights and load_kwargs:
         return _reload(auto_cls, model, load_kwargs)
     return model
+
+
+def _same_backbone_for_every_head(model: Any, config: Any, rng: Any) -> None:
+    """Give a random model's backbone the weights a bare backbone gets from the same seed.
+
+    Task classes initialise their modules in different orders (BERT's token classifier has no pooler),
+    so without this the same seed gives each task a different random "base model": runs on different
+    tasks would not share a base, as they do with pretrained weights (a mixture of experts needs it)."""
+    import torch
+    from transformers import AutoModel
+
+    prefix = getattr(model, "base_model_prefix", "")
+    inner = getattr(model, prefix, None) if prefix else None
+    if inner is None:
+        return
+    after = torch.get_rng_state()
+    torch.set_rng_state(rng)
+    bare = AutoModel.from_config(config)
+    torch.set_rng_state(after)
+    inner.load_state_dict(bare.state_dict(), strict=False)
 
 
 def _reload(auto_cls: Any, model: Any, load_kwargs: dict[str, Any]) -> Any:
