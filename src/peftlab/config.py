@@ -21,6 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 
 from peftlab.analysis.settings import AnalysisSpec
 from peftlab.errors import InputError, did_you_mean
+from peftlab.mixture.resolve import check_mixtures
+from peftlab.mixture.settings import MixtureSpec
 
 SPLITS = ("train", "validation", "test")
 
@@ -309,6 +311,9 @@ class Experiment(Strict):
     sweep: SweepSpec | None = Field(None, description="a grid of runs; see the README's Sweeps")
     analysis: AnalysisSpec | None = Field(
         None, description="what training changed inside the model, measured after each run (`true`: all parts)"
+    )
+    mixtures: dict[str, MixtureSpec] | None = Field(
+        None, description="mixtures of LoRA experts (method xlora), trained after the runs; see the README"
     )
     executor: ExecutorSpec = Field(default_factory=ExecutorSpec)
     output_dir: str = Field("runs", description="runs are written to OUTPUT_DIR/NAME/")
@@ -708,6 +713,7 @@ def validate_experiment(
         problems.raise_if_any()
         raise  # unreachable: pydantic always reports at least one error
     _check_form(spec, problems)
+    check_mixtures(spec, problems)
     problems.raise_if_any()
     from peftlab.sweep import combine, expand
 

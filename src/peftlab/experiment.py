@@ -30,6 +30,7 @@ from peftlab.errors import EXIT_OK, EXIT_RUN_FAILED, InputError, did_you_mean
 from peftlab.executor import jobs_for, require_ray, run_in_processes, run_in_ray
 from peftlab.integrity import fingerprint
 from peftlab.methods import METHODS, Method, count_parameters
+from peftlab.mixture.run import check_outside_experts, run_mixtures
 from peftlab.models import ModelSource, load_config, load_tokenizer, resolve_model
 from peftlab.slices import score_with_sources, source_counts, source_map
 from peftlab.store import (
@@ -334,7 +335,9 @@ def _run_locked(exp: LoadedExperiment, fresh: Fresh, kind: str, workers: int, lo
             compute_baselines(prep, log)
     for prep in preps:
         forgetting_base(prep, log)
+    check_outside_experts(exp)  # experts from other experiments: checked before anything trains
     failed = run_protocol(preps, lambda items: execute_runs(exp, items, kind, workers, log), fresh, log)
+    failed += run_mixtures(exp, log)  # after the runs: a mixture's experts may be this experiment's runs
     from peftlab.report import build_report, terminal_summary
 
     paths = build_report(store.path)

@@ -24,10 +24,11 @@ from typing import Any
 import torch
 
 from peftlab import engine
-from peftlab.config import LoadedExperiment, RunSpec
+from peftlab.config import LoadedExperiment, RunSpec, TrainSpec
 from peftlab.data.loading import describe_source, load_splits
 from peftlab.errors import InputError
 from peftlab.methods import METHODS, count_parameters
+from peftlab.mixture.settings import MixtureSpec
 from peftlab.models import load_config, load_tokenizer, resolve_model
 from peftlab.report.render import aligned_text
 from peftlab.tasks import TASKS, Task
@@ -57,11 +58,15 @@ def plan_experiment(exp: LoadedExperiment, log: Any = print) -> list[PlanRow]:
             said.add(message)
             log(message)
 
-    return [row for group in exp.groups() for row in _plan_group(group, once)]
+    fitted: dict[tuple[str, str], tuple[Task, Any, Any, Any]] = {}
+    rows = [row for group in exp.groups() for row in _plan_group(group, once, fitted)]
+    return rows + [_plan_mixture(exp, name, spec, fitted) for name, spec in (exp.spec.mixtures or {}).items()]
 
 
-def _plan_group(exp: LoadedExperiment, log: Any) -> list[PlanRow]:
-    """The runs of one (model, task)."""
+def _plan_group(
+    exp: LoadedExperiment, log: Any, fitted: dict[tuple[str, str], tuple[Task, Any, Any, Any]]
+) -> list[PlanRow]:
+    """The runs of one (model, task); its fitted task, model source, config and tokenizer go to `fitted`."""
     assert exp.task is not None and exp.spec.data is not None
     task = TASKS.get(exp.task.name)(**exp.task.options)
     _fit_task(exp, task, log)
@@ -70,6 +75,7 @@ def _plan_group(exp: LoadedExperiment, log: Any) -> list[PlanRow]:
     if note:
         log(f"note: {note}")
     tokenizer = None if note else _tokenizer_or_none(source)  # a note: the hub is unreachable, skip its retries
+    fitted[(exp.group.get("model", ""), exp.group.get("task", ""))] = (task, source, config, tokenizer)
     rows = []
     for run in exp.runs:
         method = METHODS.get(run.method)(**run.settings)
@@ -89,6 +95,46 @@ def _plan_group(exp: LoadedExperiment, log: Any) -> list[PlanRow]:
         )
         rows.append(PlanRow(run.name, run.method, settings, trainable, total, float(run.train.lr), memory))
     return rows
+
+
+def _plan_mixture(
+    exp: LoadedExperiment, name: str, spec: MixtureSpec, fitted: dict[tuple[str, str], tuple[Task, Any, Any, Any]]
+) -> PlanRow:
+    """A mixture's counts: experts of this experiment from their method entry's settings, experts from
+    other experiments from their saved adapter config; the architecture assembled on the meta device."""
+    from peftlab.mixture.counts import mixture_counts
+    from peftlab.mixture.experts import read_expert
+    from peftlab.mixture.model import lora_config
+    from peftlab.mixture.resolve import expert_folders
+
+    experts: dict[str, tuple[Task, Any]] = {}
+    if isinstance(spec.experts, str):
+        model_key = spec.model if spec.model is not None else next(iter(exp.spec.models or {"": None}))
+        entry = next(r for r in exp.runs if r.entry == spec.experts)
+        mine = {task_key: fit for (model, task_key), fit in fitted.items() if model == model_key}
+        method = METHODS.get(entry.method)(**entry.settings)
+        for task_key, fit in mine.items():
+            task, source, config, tokenizer = fit  # every expert shares the base model: the last one serves
+            lora = method.peft_config(head_modules=[], task_type=None, model_type=config.model_type)
+            experts[task_key] = (task, lora)
+    else:
+        for folder in expert_folders(exp.spec, spec, exp.runs_dir, exp.base_dir):
+            expert = read_expert(folder)
+            experts[expert.name] = (expert.task(), lora_config(expert))
+            source, tokenizer = resolve_model(expert.config["model"]), None
+            config, _ = load_config(source, allow_known=True)
+    counts = mixture_counts(experts, source, tokenizer, spec)
+    train = TrainSpec(batch_size=spec.train.batch_size, lr=spec.train.lr, precision=spec.train.precision)
+    seq = max(int(t.options.model_dump().get("max_length") or 0) for t, _ in experts.values()) or 128
+    memory = estimate_memory(config, RunSpec(name, "xlora", {}, train), counts["trainable"], counts["total"], seq, None)
+    settings = {
+        "experts": ", ".join(experts),
+        "gate": f"{spec.gate} (depth {spec.depth}): {counts['gate']:,} weights (formula: {counts['gate_formula']:,})",
+        "adapted layers": counts["layers"],
+        "experts' LoRA weights": f"{counts['experts']:,}",
+        "heads": f"{counts['heads']:,}",
+    }
+    return PlanRow(f"_mixtures/{name}", "xlora", settings, counts["trainable"], counts["total"], spec.train.lr, memory)
 
 
 def _fit_task(exp: LoadedExperiment, task: Task, log: Any) -> None:
