@@ -28,7 +28,7 @@ from peftlab.config import LoadedExperiment, RunSpec, TrainSpec
 from peftlab.data.loading import describe_source, load_splits
 from peftlab.errors import InputError
 from peftlab.methods import METHODS, count_parameters
-from peftlab.mixture.settings import MixtureSpec
+from peftlab.mixture.settings import FOLDER, MixtureSpec
 from peftlab.models import load_config, load_tokenizer, resolve_model
 from peftlab.report.render import aligned_text
 from peftlab.tasks import TASKS, Task
@@ -134,7 +134,7 @@ def _plan_mixture(
         "experts' LoRA weights": f"{counts['experts']:,}",
         "heads": f"{counts['heads']:,}",
     }
-    return PlanRow(f"_mixtures/{name}", "xlora", settings, counts["trainable"], counts["total"], spec.train.lr, memory)
+    return PlanRow(f"{FOLDER}/{name}", "xlora", settings, counts["trainable"], counts["total"], spec.train.lr, memory)
 
 
 def _fit_task(exp: LoadedExperiment, task: Task, log: Any) -> None:

@@ -431,4 +431,12 @@ def parameter_counts(mixture: Mixture) -> dict[str, int]:
         "heads": sum(v.numel() for v in head_state(mixture).values()),
         "trainable": sum(p.numel() for p in unique.values() if p.requires_grad),
         "total": sum(p.numel() for p in unique.values()),
+        "weight_bytes": weight_bytes(mixture),
     }
+
+
+def weight_bytes(module: nn.Module) -> int:
+    """Bytes the module's weights and buffers take, each shared tensor once: measured from the tensors
+    (their dtype), so a bf16 or 4-bit base shows as such."""
+    tensors = {id(t): t for t in (*module.parameters(), *module.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())

@@ -27,16 +27,14 @@ from peftlab.data.loading import load_splits, sample
 from peftlab.errors import InputError
 from peftlab.integrity import fingerprint, sha256_file
 from peftlab.mixture.experts import Expert, check_experts, read_expert
-from peftlab.mixture.model import Mixture, build_mixture, head_state, parameter_counts
+from peftlab.mixture.model import Mixture, build_mixture, head_state, parameter_counts, weight_bytes
 from peftlab.mixture.resolve import expert_folders
-from peftlab.mixture.settings import MixtureSpec
+from peftlab.mixture.settings import FOLDER, LEARNED, UNIFORM, MixtureSpec
 from peftlab.mixture.train import TaskBatches, train_gate
 from peftlab.store import DONE, FAILED, RUNNING, RunDir, parse_json, read_text, write_json, write_jsonl, write_yaml
 from peftlab.tasks import Task
 
 Log = Callable[[str], None]
-FOLDER = "_mixtures"
-LEARNED, UNIFORM = "learned gate", "uniform mix"
 
 
 @dataclass
@@ -315,6 +313,7 @@ def inference_times(
             "expert_seconds": round(seconds, 3),
             "examples": len(d.examples),
             "single_expert_total": count_parameters(run.model)[1],
+            "single_expert_bytes": weight_bytes(run.model),
             "expert_score": _score(d.task.score(single), d.task),
         }
     return out

@@ -13,6 +13,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator
 
+FOLDER = "_mixtures"  # runs/<experiment>/_mixtures/<name>/: beside _baselines, not a run of one task
+LEARNED, UNIFORM = "learned gate", "uniform mix"  # the configurations every other one is read against
+
 Merge = Literal["linear", "svd", "cat", "ties", "dare_linear", "dare_ties", "magnitude_prune"]
 
 

@@ -187,6 +187,17 @@ def fmt_num(value: Any, digits: int = 1) -> str:
     return f"{value:,.{digits}f}" if isinstance(value, int | float) else "—"
 
 
+def fmt_params(value: Any) -> str:
+    """Parameter counts as the study writes them: 67M, 0.15M, 9.2K."""
+    if not isinstance(value, int | float):
+        return "—"
+    if value >= 1e7:
+        return f"{value / 1e6:.0f}M"
+    if value >= 1e5:
+        return f"{value / 1e6:.2f}M"
+    return f"{value / 1e3:.1f}K"
+
+
 def fmt_metric(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, int | float) else "—"
 

@@ -31,6 +31,7 @@ from peftlab.report import (
     failure_blocks,
     figure_blocks,
     fmt_num,
+    fmt_params,
     metric_columns,
     per_class_blocks,
     result_rows,
@@ -39,6 +40,7 @@ from peftlab.report import (
     summary_hardware,
 )
 from peftlab.report.inside import inside_blocks
+from peftlab.report.mixture import mixture_blocks, mixture_terminal_lines
 from peftlab.report.render import Block, Heading, Paragraph, Table, aligned_text, to_html, to_markdown
 from peftlab.report.sweeps import selection_blocks
 from peftlab.report.tradeoffs import tradeoff_blocks
@@ -105,6 +107,7 @@ def build_multitask_report(exp_dir: ExperimentDir, experiment: dict[str, Any]) -
     blocks: list[Block] = [Paragraph(line) for line in _summary_lines(exp_dir, experiment, tasks, runs)]
     blocks += summary_table_blocks(cells, tasks, models, methods, split, exp_dir)
     blocks += share_blocks(cells, tasks, split, exp_dir)
+    blocks += mixture_blocks(exp_dir)  # mixtures of this experiment's LoRA experts, when it has any
     blocks += selection_blocks(exp_dir)  # sweep-then-train: its sweep table, when there was one
     blocks += time_blocks(cells, tasks, models, methods)
     blocks += early_stopping_blocks(runs)
@@ -199,17 +202,6 @@ def _label(model: str, method: str) -> str:
 def _pct(value: float | None, scale: float = 1.0) -> str:
     """A score x100 (a fraction's scale is 1.0; a score already x100 has scale 100.0)."""
     return f"{100 * value / scale:.1f}" if isinstance(value, int | float) else "—"
-
-
-def fmt_params(value: Any) -> str:
-    """Parameter counts as the study writes them: 67M, 0.15M, 9.2K."""
-    if not isinstance(value, int | float):
-        return "—"
-    if value >= 1e7:
-        return f"{value / 1e6:.0f}M"
-    if value >= 1e5:
-        return f"{value / 1e6:.2f}M"
-    return f"{value / 1e3:.1f}K"
 
 
 # --- blocks ----------------------------------------------------------------------------------
@@ -545,4 +537,5 @@ def multitask_terminal_summary(exp_dir: ExperimentDir, experiment: dict[str, Any
     table = summary_table_blocks(cells, tasks, models, _row_methods(experiment, cells), splits[-1], exp_dir)
     block = table[1]
     assert isinstance(block, Table)
-    return aligned_text(block.header, block.rows, left=1) + f"\n({splits[-1]} split, x100)"
+    text = aligned_text(block.header, block.rows, left=1) + f"\n({splits[-1]} split, x100)"
+    return "\n".join([text, *mixture_terminal_lines(exp_dir)])
