@@ -17,6 +17,7 @@ decoders alike, multiple choice included (the backbone sees [batch x choices, se
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -147,9 +148,10 @@ class Mixture(nn.Module):
         s.global_weights = None
         if s.bypass or s.fixed is not None or not isinstance(self.gate, GlobalGate):
             return
-        if kwargs.get("past_key_values") is not None:
+        if kwargs.get("past_key_values") is not None and kwargs.get("use_cache") is not False:
             raise InputError(
-                "xlora: gate: global reads a whole pass first and cannot generate with a cache; use layerwise"
+                "xlora: gate: global reads a whole pass first and cannot generate with a KV cache "
+                "(TaskView.generate turns the cache off); use layerwise to generate with one"
             )
         inner = {**kwargs, **({"use_cache": False} if "use_cache" in kwargs else {})}
         s.inner = True
@@ -265,6 +267,18 @@ class TaskView(nn.Module):
 
     def forward(self, **batch: Any) -> Any:
         return self.mixture.tasks[self.task](**batch)
+
+    def generate(self, *args: Any, generation_config: Any = None, **kwargs: Any) -> Any:
+        """The task model's own `generate` through the mixture. The global gate reads a whole pass of the
+        base model before each pass, which a KV cache (one new token a pass) cannot give it: with that
+        gate every new token runs the whole sequence again (slower, the same tokens as a cached pass)."""
+        if isinstance(self.mixture.gate, GlobalGate) and self.mixture.state.fixed is None:
+            if generation_config is not None:
+                generation_config = copy.deepcopy(generation_config)
+                generation_config.use_cache = False
+            else:
+                kwargs["use_cache"] = False
+        return self.mixture.tasks[self.task].generate(*args, generation_config=generation_config, **kwargs)
 
 
 @functools.cache
