@@ -41,7 +41,7 @@ def build_report(path: Path | str) -> dict[str, Path]:
             f"{path}: not an experiment folder (no experiment.yaml); "
             "expected runs/<experiment>/ as written by `peftlab run`"
         )
-    from peftlab.report import inside, multitask, tradeoffs
+    from peftlab.report import compare, inside, multitask, tradeoffs
 
     experiment = exp_dir.experiment()
     if multitask.is_multitask(experiment):  # several models or tasks: the study's multi-task layout
@@ -56,6 +56,7 @@ def build_report(path: Path | str) -> dict[str, Path]:
     title = f"peftlab report: {experiment.get('name', exp_dir.path.name)}"
     blocks = summary_blocks(exp_dir, experiment, runs)
     blocks += results_blocks(rows, columns, baselines.get("primary_metric"), splits)
+    blocks += compare.comparison_blocks(exp_dir, runs, baselines.get("baselines") or {}, splits[-1], _primary(runs))
     blocks += sweep_blocks(exp_dir, runs, scored, baselines.get("primary_metric") or _primary(runs))
     blocks += tradeoffs.tradeoff_blocks(exp_dir, runs, baselines.get("baselines") or {}, splits[-1])
     blocks += inside.inside_blocks(exp_dir, runs, baselines.get("primary_metric") or _primary(runs), splits[-1])

@@ -39,6 +39,7 @@ from peftlab.report import (
     settings_blocks,
     summary_hardware,
 )
+from peftlab.report.compare import comparison_blocks
 from peftlab.report.inside import inside_blocks
 from peftlab.report.mixture import mixture_blocks, mixture_terminal_lines
 from peftlab.report.render import Block, Heading, Paragraph, Table, aligned_text, to_html, to_markdown
@@ -114,6 +115,7 @@ def build_multitask_report(exp_dir: ExperimentDir, experiment: dict[str, Any]) -
     blocks += truncation_blocks(runs)
     for task in tasks:
         blocks += task_detail_blocks(exp_dir, cells, task, models, splits)
+        blocks += comparison_blocks(exp_dir, [c.run for c in cells if c.task == task.key], {}, split, tag=task.key)
     for model in models:  # forgetting, the rank trade-off and the learning-vs-forgetting plane, per group
         for task in tasks:
             group = [c.run for c in cells if (c.model, c.task) == (model, task.key)]
