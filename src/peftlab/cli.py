@@ -125,6 +125,16 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from peftlab.export import export_run
+
+    def note(message: str) -> None:  # notes on stderr, the folder alone on stdout (for scripts)
+        print(message, file=sys.stderr)
+
+    print(export_run(Path(args.run_dir), Path(args.output), merge=args.merge, force=args.force, log=note).path)
+    return EXIT_OK
+
+
 def cmd_assets(args: argparse.Namespace) -> int:
     from peftlab import assets
 
@@ -248,6 +258,18 @@ def build_parser() -> argparse.ArgumentParser:
         "LAMBDA (PEFT's reduce_intruder_dimension; 0.75 is its default), evaluated on the run's splits",
     )
     p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("export", help="a finished run as a folder plain transformers / PEFT load, without peftlab")
+    p.add_argument("run_dir", help="a finished run, runs/<experiment>/<run>")
+    p.add_argument("--output", required=True, metavar="DIR", help="the folder to write (must not exist or be empty)")
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="merge the adapter into the base weights and save a plain transformers model (QLoRA: into a "
+        "full-precision base); without it: the adapter folder with a model card",
+    )
+    p.add_argument("--force", action="store_true", help="replace --output when it exists and is not empty")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("assets", help="offline models and datasets (list, fetch)")
     p.add_argument("action", choices=["list", "fetch"])
