@@ -23,6 +23,7 @@ from peftlab.analysis.settings import AnalysisSpec
 from peftlab.errors import InputError, did_you_mean
 from peftlab.mixture.resolve import check_mixtures
 from peftlab.mixture.settings import MixtureSpec
+from peftlab.tracking import TRACKERS
 
 SPLITS = ("train", "validation", "test")
 
@@ -158,6 +159,29 @@ class TrainSpec(Strict):
     early_stopping: EarlyStoppingSpec | None = Field(
         None, description="stop when a validation metric stops improving; the best epoch's weights are kept"
     )
+    log_every: Literal["auto"] | PositiveInt = Field(
+        "auto",
+        description="log the training loss every N optimizer steps (history.jsonl step rows, trackers); "
+        "auto = about 20 points an epoch",
+    )
+    report_to: list[str] = Field(
+        default_factory=list,
+        description="experiment trackers the run logs to: tensorboard, mlflow, wandb (pip install 'peftlab[NAME]')",
+    )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _known_trackers(cls, value: Any) -> Any:
+        names = [value] if isinstance(value, str) else value
+        if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+            return value  # pydantic says what is expected
+        for name in names:
+            if name not in TRACKERS:
+                raise ValueError(
+                    f"unknown tracker '{name}'{did_you_mean(name, list(TRACKERS))}; known: {', '.join(TRACKERS)} "
+                    "(each installs with pip install 'peftlab[NAME]')"
+                )
+        return list(dict.fromkeys(names))
 
     @field_validator("lr")
     @classmethod

@@ -2,8 +2,10 @@
 
 Why the Trainer: it brings checkpoint/resume, gradient accumulation, mixed precision and
 multi-GPU (accelerate, torchrun, DeepSpeed) with no overhead measured here. peftlab adds what a
-comparison needs: per-epoch train and validation loss with wall time (`history.jsonl`), training
-time without evaluation, throughput in samples/s and real (non-padding) tokens/s, and peak memory.
+comparison needs: the training loss every few optimizer steps and, per epoch, train and validation
+loss with wall time (`history.jsonl`), training time without evaluation, throughput in samples/s and
+real (non-padding) tokens/s, and peak memory. Experiment trackers (`train.report_to`: TensorBoard,
+MLflow, W&B) are the Trainer's own integrations, pointed at the run folder (`tracking.py`).
 
 Precision `auto` is bf16 autocast where the hardware runs it natively (CUDA with bf16 support, a
 CPU with AVX512-BF16 or AMX), fp16 on older GPUs, else fp32. The choice is recorded in metrics.json.
@@ -27,9 +29,9 @@ import torch
 from datasets import Dataset
 from torch import nn
 
-from peftlab import faults, integrity
+from peftlab import faults, integrity, tracking
 from peftlab.config import TrainSpec
-from peftlab.store import CHECKPOINT_RECORD, RunDir, follow_umask, write_json, write_jsonl
+from peftlab.store import CHECKPOINT_RECORD, EPOCH, STEP, RunDir, epoch_rows, follow_umask, write_json, write_jsonl
 
 Log = Callable[[str], None]
 
@@ -161,6 +163,14 @@ class Monitor:
     greater_is_better: bool
 
 
+def log_steps(spec: TrainSpec, n_train: int) -> int:
+    """Optimizer steps between two training-loss logs: `train.log_every`, or for `auto` about 20 an epoch."""
+    if spec.log_every != "auto":
+        return int(spec.log_every)
+    steps_per_epoch = math.ceil(math.ceil(n_train / spec.batch_size) / spec.grad_accum)
+    return max(1, steps_per_epoch // 20)
+
+
 def training_arguments(
     spec: TrainSpec,
     out_dir: Path,
@@ -169,9 +179,14 @@ def training_arguments(
     precision: str,
     quiet: bool = False,
     monitor: Monitor | None = None,
+    logging_steps: int = 1,
+    run_name: str | None = None,
+    report_to: Sequence[str] = (),
 ) -> Any:
     """TrainingArguments for one run (eval each epoch, checkpoint each epoch or N steps, keep one).
 
+    The training loss is logged every `logging_steps` optimizer steps (and at every epoch end and
+    checkpoint, see RunCallback), to history.jsonl and to the `report_to` trackers under `run_name`.
     With a monitor (early stopping), the best epoch's weights are restored at the end of training
     (`load_best_model_at_end`), so the run is evaluated and saved with them.
     """
@@ -205,13 +220,15 @@ def training_arguments(
         use_cpu=not torch.cuda.is_available(),
         gradient_checkpointing=spec.gradient_checkpointing,
         eval_strategy="epoch" if has_eval else "no",
-        logging_strategy="epoch",
+        logging_strategy="steps",
+        logging_steps=logging_steps,
+        run_name=run_name,
         save_strategy="steps" if per_steps else "epoch",
         save_steps=spec.checkpoint_every if per_steps else 500,
         # Two: while a new checkpoint is written, the previous complete one is still there to fall
         # back to (a checkpoint is complete when its record is written, see on_save below).
         save_total_limit=2,
-        report_to=[],
+        report_to=list(report_to),
         disable_tqdm=quiet or not sys.stderr.isatty(),
         include_num_input_tokens_seen="non_padding",
         remove_unused_columns=False,
@@ -221,18 +238,37 @@ def training_arguments(
 
 
 def history_rows(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Merge the Trainer's log entries into one row per epoch (train loss, val loss, lr, times)."""
-    rows: dict[float, dict[str, Any]] = {}
-    for entry in log_history:
-        if "epoch" not in entry or "train_loss" in entry:  # train_loss: the end-of-training summary
+    """history.jsonl's rows from the Trainer's log, in training order.
+
+    A step row (`kind: step`) per training-loss log: step, epoch (fractional), the mean training loss
+    since the log before, lr, grad_norm. An epoch row (`kind: epoch`) per epoch, after its step rows:
+    the epoch's mean training loss (the step logs' losses weighted by the steps each covers: every
+    optimizer step of the epoch counted once), val loss, the task's validation metrics (eval_<name>),
+    lr and grad_norm at the epoch's last step, epoch and wall seconds, tokens seen.
+    """
+    entries = [e for e in log_history if "epoch" in e and "train_loss" not in e]  # train_loss: the final summary
+    ends = sorted({_epoch_key(e) for e in entries if "loss" not in e})  # epoch timings and evaluations
+    rows: list[dict[str, Any]] = []
+    epochs: dict[float, dict[str, Any]] = {}
+    windows: dict[float, list[tuple[dict[str, Any], int]]] = {}
+    last_step = 0
+    for entry in entries:
+        key = _epoch_key(entry)
+        if "loss" in entry:
+            rows.append(_step_row(entry))
+            steps = entry.get("loss_steps") or max(1, int(entry.get("step", 0)) - last_step)
+            last_step = int(entry.get("step", last_step))
+            end = next((k for k in ends if k >= key), None)  # the epoch this loss window belongs to
+            if end is not None:
+                windows.setdefault(end, []).append((entry, steps))
             continue
-        row = rows.setdefault(round(float(entry["epoch"]), 4), {"epoch": round(float(entry["epoch"]), 4)})
+        if key not in epochs:
+            epochs[key] = {"kind": EPOCH, "epoch": key}
+            rows.append(epochs[key])
+        row = epochs[key]
         row["step"] = entry.get("step", row.get("step"))
         for src, dst in (
-            ("loss", "train_loss"),
             ("eval_loss", "val_loss"),
-            ("learning_rate", "lr"),
-            ("grad_norm", "grad_norm"),
             ("epoch_seconds", "epoch_seconds"),
             ("wall_seconds", "wall_seconds"),
             ("tokens_seen", "tokens_seen"),
@@ -246,14 +282,47 @@ def history_rows(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 if k.startswith("eval_") and k != "eval_loss" and not k.endswith(("_runtime", "_per_second"))
             }
         )
-    return list(rows.values())
+    for key, row in epochs.items():
+        if key in windows:
+            row.update(_epoch_loss(windows[key]))
+    kinds = {STEP: 0, EPOCH: 1}  # an epoch row after the step rows of its last step
+    return sorted(rows, key=lambda r: (r.get("step") or 0, kinds[r["kind"]]))
+
+
+def _epoch_key(entry: dict[str, Any]) -> float:
+    return round(float(entry["epoch"]), 4)
+
+
+def _step_row(entry: dict[str, Any]) -> dict[str, Any]:
+    row = {"kind": STEP, "step": entry.get("step"), "epoch": _epoch_key(entry), "train_loss": entry["loss"]}
+    for src, dst in (("learning_rate", "lr"), ("grad_norm", "grad_norm")):
+        if src in entry:
+            row[dst] = entry[src]
+    return row
+
+
+def _epoch_loss(window: list[tuple[dict[str, Any], int]]) -> dict[str, Any]:
+    """The epoch's mean training loss from its step logs (each the mean over the steps it covers), and
+    the lr and grad_norm of its last log."""
+    total = sum(steps for _, steps in window)
+    out: dict[str, Any] = {"train_loss": sum(e["loss"] * steps for e, steps in window) / total}
+    last = window[-1][0]
+    for src, dst in (("learning_rate", "lr"), ("grad_norm", "grad_norm")):
+        if src in last:
+            out[dst] = last[src]
+    return out
 
 
 def _callback_class() -> type:
     from transformers import TrainerCallback
 
     class RunCallback(TrainerCallback):
-        """Times epochs (training only), writes history.jsonl after each epoch, prints progress."""
+        """Times epochs (training only), writes history.jsonl, prints progress once an epoch.
+
+        The training loss is logged every `logging_steps` steps and also at the last step of every epoch
+        and at every checkpoint, so that no log window spans two epochs or a resume, and each log entry
+        records how many steps its loss is the mean of (`loss_steps`): the epoch's mean is then exact.
+        """
 
         def __init__(self, history_file: Path, log: Log, label: str) -> None:
             self.history_file = history_file
@@ -261,9 +330,12 @@ def _callback_class() -> type:
             self.label = label
             self.epoch_start = 0.0
             self.train_start = 0.0
+            self.last_logged = 0
+            self.written = -math.inf
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             self.train_start = time.perf_counter() - self._wall_before(state)
+            self.last_logged = state.global_step  # where the Trainer's first loss window starts (0, or a resume)
 
         @staticmethod
         def _wall_before(state: Any) -> float:
@@ -285,11 +357,24 @@ def _callback_class() -> type:
                     "tokens_seen": int(state.num_input_tokens_seen),
                 }
             )
+            control.should_log = True  # normally logged at the step's end already (then a no-op)
+            self._write(state)
+            if args.eval_strategy == "no":
+                self._print(state)
 
         def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
+            entry = state.log_history[-1] if state.log_history else {}
+            if logs and "loss" in logs and entry.get("loss") == logs["loss"]:
+                entry["loss_steps"] = state.global_step - self.last_logged  # the steps this mean covers
+                self.last_logged = state.global_step
+            # Step logs rewrite the file at most every 10 s (log_every: 1 on a long run would otherwise
+            # rewrite it at every step); it is rebuilt from the Trainer's state, which checkpoints keep.
+            if not (logs and "loss" in logs) or time.perf_counter() - self.written >= 10:
+                self._write(state)
+
+        def _write(self, state: Any) -> None:
             write_jsonl(self.history_file, history_rows(state.log_history))
-            if logs and "loss" in logs and args.eval_strategy == "no":
-                self._print(state)
+            self.written = time.perf_counter()
 
         def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             """Mark the checkpoint just written complete: a record of its files, written last."""
@@ -301,13 +386,20 @@ def _callback_class() -> type:
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             faults.point("train_step")
+            # Runs after the Trainer's own flow callback, which has decided on saving and stopping.
+            epoch_ends = state.epoch is not None and abs(state.epoch - round(state.epoch)) < 1e-9
+            if epoch_ends or control.should_save or control.should_training_stop:
+                control.should_log = True
 
         def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict | None = None, **kw: Any) -> None:
-            write_jsonl(self.history_file, history_rows(state.log_history))
+            self._write(state)
             self._print(state)
 
         def _print(self, state: Any) -> None:
-            row = history_rows(state.log_history)[-1]
+            rows = epoch_rows(history_rows(state.log_history))
+            if not rows:
+                return
+            row = rows[-1]
             val = f"  val loss {row['val_loss']:.4f}" if "val_loss" in row else ""
             secs = row.get("epoch_seconds")
             timing = f"  ({secs:.0f}s)" if secs is not None else ""
@@ -326,7 +418,8 @@ class NonFiniteLoss(RuntimeError):
 
 def _stop_on_non_finite_loss(model: nn.Module) -> Any:
     """A forward hook that raises NonFiniteLoss as soon as a training forward pass returns a NaN or
-    infinite loss (the Trainer logs losses once per epoch; a diverged run would waste the rest of it)."""
+    infinite loss (the Trainer logs losses every few steps, and replaces a NaN by the mean so far; a
+    diverged run would waste the rest of its training)."""
 
     def check(module: nn.Module, args: Any, output: Any) -> None:
         if module.training:
@@ -379,6 +472,8 @@ def train(
     task's own metrics, logged to history.jsonl as eval_<name>); `reduce` shrinks each evaluation
     batch's raw outputs first (as in `predict`). With a monitor, training stops
     after `spec.early_stopping.patience` epochs without improvement and the best epoch is kept.
+    The `spec.report_to` trackers log the run under `label` (default: the run folder's name), with the
+    run's config.yaml as its settings.
     """
     from transformers import EarlyStoppingCallback, Trainer
 
@@ -386,7 +481,16 @@ def train(
     if resume is not None:
         log(f"[{label}] resuming from {resume.name}")
     has_eval = eval_set is not None
-    args = training_arguments(spec, run.checkpoints_dir, has_eval=has_eval, precision=precision, monitor=monitor)
+    args = training_arguments(
+        spec,
+        run.checkpoints_dir,
+        has_eval=has_eval,
+        precision=precision,
+        monitor=monitor,
+        logging_steps=log_steps(spec, len(train_set)),
+        run_name=label or run.name,
+        report_to=spec.report_to,
+    )
     callbacks: list[Any] = [_callback_class()(run.history_file, log, label)]
     if monitor is not None and has_eval and spec.early_stopping is not None:
         callbacks.append(EarlyStoppingCallback(spec.early_stopping.patience, spec.early_stopping.min_delta))
@@ -401,9 +505,11 @@ def train(
         preprocess_logits_for_metrics=reduce if validation_metrics and has_eval else None,
     )
     _quiet(trainer)
+    settings = _run_settings(run, spec) if spec.report_to else {}
+    trackers = tracking.session(trainer, spec.report_to, run.path, settings, lambda m: log(f"[{label}] {m}"))
     hook = _stop_on_non_finite_loss(model)
     try:
-        with PeakMemory() as memory:
+        with trackers, PeakMemory() as memory:
             trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except NonFiniteLoss as exc:
         lr = trainer.lr_scheduler.get_last_lr()[0] if trainer.lr_scheduler is not None else spec.lr
@@ -414,14 +520,15 @@ def train(
     finally:
         hook.remove()
     history = history_rows(trainer.state.log_history)
-    best_epoch = _best_epoch(trainer.state, history) if monitor is not None else None
+    epochs = epoch_rows(history)
+    best_epoch = _best_epoch(trainer.state, epochs) if monitor is not None else None
     write_jsonl(run.history_file, history)
-    train_seconds = sum(r.get("epoch_seconds", 0.0) for r in history)
+    train_seconds = sum(r.get("epoch_seconds", 0.0) for r in epochs)
     samples = _samples_seen(trainer.state, spec, len(train_set))
     tokens = int(trainer.state.num_input_tokens_seen)
     return TrainResult(
         train_seconds=round(train_seconds, 3),
-        wall_seconds=round(max((r.get("wall_seconds", 0.0) for r in history), default=0.0), 3),
+        wall_seconds=round(max((r.get("wall_seconds", 0.0) for r in epochs), default=0.0), 3),
         epochs_run=round(float(trainer.state.epoch or 0), 4),
         steps=int(trainer.state.global_step),
         samples_per_second=round(samples / train_seconds, 2) if train_seconds else 0.0,
@@ -435,6 +542,12 @@ def train(
         best_epoch=best_epoch,
         best_metric=trainer.state.best_metric if monitor is not None else None,
     )
+
+
+def _run_settings(run: RunDir, spec: TrainSpec) -> dict[str, Any]:
+    """What trackers record as the run's hyperparameters: its config.yaml (resolved settings), or the
+    training settings when there is none (engine.train called on its own)."""
+    return run.config() or {"train": spec.model_dump()}
 
 
 def _best_epoch(state: Any, history: list[dict[str, Any]]) -> float | None:

@@ -21,7 +21,7 @@ from typing import Any
 
 from datasets import Dataset, DatasetDict
 
-from peftlab import engine, faults, forgetting
+from peftlab import engine, faults, forgetting, tracking
 from peftlab.analysis.finished import analyze_finished
 from peftlab.analysis.run import Subject, analyze, check_sizes
 from peftlab.config import ExtraEvalSpec, LoadedExperiment, RunSpec
@@ -109,7 +109,10 @@ def run_config(prep: Prepared, run: RunSpec) -> dict[str, Any]:
     if run.eval_splits is not None:
         body["eval_splits"] = list(run.eval_splits)
     meta = run_meta(run)  # where the run sits in a sweep: not a setting, so not fingerprinted
-    return {**body, "fingerprint": fingerprint(body), **({"sweep": meta} if meta else {})}
+    # How a run is watched (log_every, report_to) changes none of its results: not fingerprinted either,
+    # so adding a tracker retrains nothing (and runs from before these settings keep their fingerprints).
+    watched = {**body, "train": {k: v for k, v in train.items() if k not in ("log_every", "report_to")}}
+    return {**body, "fingerprint": fingerprint(watched), **({"sweep": meta} if meta else {})}
 
 
 # --- preparation -----------------------------------------------------------------------------
@@ -122,6 +125,7 @@ def prepare(exp: LoadedExperiment, log: Log = log_line) -> Prepared:
     task = TASKS.get(exp.task.name)(**exp.task.options)
     for run in exp.runs:
         monitor_for(task, run)  # an early-stopping metric the task does not report fails here
+        tracking.check_installed(run.train.report_to)  # a tracker's library missing fails here, not mid-run
     needed = tuple(dict.fromkeys(["train", "validation", *spec.evaluate.splits]))
     log(f"data: {_label(exp)}{describe_source(spec.data)}")
     faults.point("prepare")

@@ -27,6 +27,23 @@ from peftlab import faults
 
 PENDING, RUNNING, DONE, FAILED = "pending", "running", "done", "failed"
 CHECKPOINT_RECORD = "peftlab-complete.json"  # written last into a Trainer checkpoint: it is complete
+STEP, EPOCH = "step", "epoch"  # the kinds of history.jsonl row
+
+
+def row_kind(row: dict[str, Any]) -> str:
+    """A history.jsonl row's kind: `step` (training loss every few steps) or `epoch`; rows written before
+    peftlab logged steps have no kind and are epoch rows."""
+    return row.get("kind", EPOCH)
+
+
+def epoch_rows(history: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The per-epoch rows of a history (train and val loss, validation metrics, times)."""
+    return [row for row in history if row_kind(row) == EPOCH]
+
+
+def step_rows(history: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The step rows of a history (step, fractional epoch, train_loss, lr, grad_norm)."""
+    return [row for row in history if row_kind(row) == STEP]
 
 
 def current_umask() -> int:
@@ -229,8 +246,10 @@ class RunDir:
     def metrics(self) -> dict[str, Any]:
         return read_json(self.metrics_file, {})
 
-    def history(self) -> list[dict[str, Any]]:
-        return read_jsonl(self.history_file)
+    def history(self, kind: str | None = None) -> list[dict[str, Any]]:
+        """history.jsonl's rows: all (kind None), or only `epoch` (also old rows without a kind) or `step` rows."""
+        rows = read_jsonl(self.history_file)
+        return rows if kind is None else [row for row in rows if row_kind(row) == kind]
 
     def latest_checkpoint(self, warn: Callable[[str], None] = print) -> Path | None:
         """The newest Trainer checkpoint that is complete and intact (its record written and matching).

@@ -380,7 +380,7 @@ def read_point(folders: list[RunDir], base: str, point: dict[str, Any], metric: 
         result.states.append(state)
         if state != "done":
             continue
-        history = folder.history()
+        history = folder.history("epoch")  # step rows (training loss every few steps) left out
         train = [r["train_loss"] for r in history if "train_loss" in r]
         val = [r["val_loss"] for r in history if "val_loss" in r]
         result.train_loss += train[-1:]

@@ -13,21 +13,45 @@ import numpy as np
 
 
 def learning_curve(history: list[dict[str, Any]], title: str, path: Path) -> Path | None:
-    """Train and validation loss per epoch (the LoRA-vs-IA3 study's Figures 1-2)."""
-    rows = [r for r in history if "train_loss" in r or "val_loss" in r]
-    if not rows:
+    """Training loss every few steps (a line) and validation loss per epoch (markers), against the epoch
+    (the LoRA-vs-IA3 study's Figures 1-2); see `curve_series`."""
+    series = curve_series(history)
+    if not series:
         return None
+    styles = {
+        "training loss (steps)": {"fmt": "-", "color": "C0", "lw": 1.2},
+        "training loss (epoch mean)": {"fmt": "o", "color": "C0", "mfc": "none"},
+        "training loss": {"fmt": "o-", "color": "C0"},
+        "validation loss": {"fmt": "s--", "color": "C1", "lw": 0.8},
+    }
     fig, ax = plt.subplots(figsize=(5.2, 3.4), dpi=110)
-    for key, label, style in (("train_loss", "training loss", "o-"), ("val_loss", "validation loss", "s--")):
-        points = [(r["epoch"], r[key]) for r in rows if key in r]
-        if points:
-            ax.plot(*zip(*points, strict=True), style, label=label)
+    for label, points in series.items():
+        style = dict(styles[label])
+        ax.plot(*zip(*points, strict=True), style.pop("fmt"), label=label, **style)
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     return _save(fig, path)
+
+
+def curve_series(history: list[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
+    """(epoch, loss) points of a learning curve by label: the step rows' training loss, each epoch's mean
+    training loss and the validation loss per epoch. A history without step rows (runs from before them)
+    has its per-epoch training loss as the line, as then."""
+    from peftlab.store import epoch_rows, step_rows
+
+    epochs = epoch_rows(history)
+    steps = [(r["epoch"], r["train_loss"]) for r in step_rows(history) if "train_loss" in r]
+    train = [(r["epoch"], r["train_loss"]) for r in epochs if "train_loss" in r]
+    val = [(r["epoch"], r["val_loss"]) for r in epochs if "val_loss" in r]
+    if steps:
+        series = {"training loss (steps)": steps, "training loss (epoch mean)": train}
+    else:
+        series = {"training loss": train}
+    series["validation loss"] = val
+    return {label: points for label, points in series.items() if points}
 
 
 def confusion(matrix: list[list[int]], labels: list[str], title: str, path: Path) -> Path:
