@@ -300,6 +300,11 @@ class ExecutorSpec(Strict):
     num_cpus: float = Field(1, gt=0, description="ray: CPUs each run declares (also its torch threads)")
     num_gpus: float = Field(0, ge=0, description="ray: GPUs each run declares")
     memory_gb: float | None = Field(None, gt=0, description="ray: memory each run declares")
+    nproc_per_run: PositiveInt = Field(
+        1,
+        description="process and ray: train each run data-parallel in N processes under torchrun "
+        "(DDP; gloo on the CPU, NCCL on GPUs); the global batch is N x batch_size",
+    )
 
 
 KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"  # model and task keys: no dots, they join run names

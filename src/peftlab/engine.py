@@ -29,7 +29,7 @@ import torch
 from datasets import Dataset
 from torch import nn
 
-from peftlab import faults, integrity, tracking
+from peftlab import distributed, faults, integrity, tracking
 from peftlab.config import TrainSpec
 from peftlab.store import CHECKPOINT_RECORD, EPOCH, STEP, RunDir, epoch_rows, follow_umask, write_json, write_jsonl
 
@@ -379,7 +379,8 @@ def _callback_class() -> type:
         def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             """Mark the checkpoint just written complete: a record of its files, written last."""
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if folder.is_dir():
+            distributed.barrier()  # every rank has written its part (its RNG state) before rank 0 records
+            if folder.is_dir() and args.should_save:  # rank 0 only (one process per run: always)
                 faults.point("checkpoint")  # kill point: the Trainer wrote the files, the record is not there
                 follow_umask(folder)
                 write_json(folder / CHECKPOINT_RECORD, integrity.record(folder, [folder]))
@@ -449,6 +450,7 @@ class TrainResult:
     stopped_early: bool = False
     best_epoch: float | None = None
     best_metric: float | None = None
+    processes: int = 1  # data-parallel processes (distributed.py): the global batch is processes x batch_size
 
 
 def train(
@@ -477,13 +479,14 @@ def train(
     """
     from transformers import EarlyStoppingCallback, Trainer
 
-    resume = run.latest_checkpoint(lambda message: log(f"[{label}] {message}"))
+    # Several processes (distributed.py): rank 0 picks the checkpoint and owns the checkpoint folder.
+    resume = distributed.agree(lambda: run.latest_checkpoint(lambda message: log(f"[{label}] {message}")))
     if resume is not None:
         log(f"[{label}] resuming from {resume.name}")
     has_eval = eval_set is not None
     args = training_arguments(
         spec,
-        run.checkpoints_dir,
+        distributed.agree(lambda: run.checkpoints_dir),
         has_eval=has_eval,
         precision=precision,
         monitor=monitor,
@@ -519,12 +522,13 @@ def train(
         ) from None
     finally:
         hook.remove()
+    processes = distributed.world_size()
     history = history_rows(trainer.state.log_history)
     epochs = epoch_rows(history)
     best_epoch = _best_epoch(trainer.state, epochs) if monitor is not None else None
     write_jsonl(run.history_file, history)
     train_seconds = sum(r.get("epoch_seconds", 0.0) for r in epochs)
-    samples = _samples_seen(trainer.state, spec, len(train_set))
+    samples = _samples_seen(trainer.state, spec.batch_size * spec.grad_accum * processes, len(train_set))
     tokens = int(trainer.state.num_input_tokens_seen)
     return TrainResult(
         train_seconds=round(train_seconds, 3),
@@ -541,6 +545,7 @@ def train(
         stopped_early=monitor is not None and trainer.state.global_step < trainer.state.max_steps,
         best_epoch=best_epoch,
         best_metric=trainer.state.best_metric if monitor is not None else None,
+        processes=processes,
     )
 
 
@@ -565,9 +570,9 @@ def _quiet(trainer: Any) -> None:
     trainer.remove_callback(PrinterCallback)
 
 
-def _samples_seen(state: Any, spec: TrainSpec, n_train: int) -> int:
-    """Training samples processed: optimizer steps x effective batch, capped per epoch at the set size."""
-    per_step = spec.batch_size * spec.grad_accum
+def _samples_seen(state: Any, per_step: int, n_train: int) -> int:
+    """Training samples processed: optimizer steps x global batch (per_step), capped per epoch at the set
+    size."""
     steps_per_epoch = max(1, math.ceil(n_train / per_step))
     full_epochs, extra_steps = divmod(int(state.global_step), steps_per_epoch)
     return full_epochs * n_train + min(extra_steps * per_step, n_train)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from peftlab.config import ExecutorSpec, RunSpec
+from peftlab.distributed import launch_argv, world_size
 from peftlab.errors import InputError
 from peftlab.store import FAILED, RunDir
 
@@ -51,9 +51,10 @@ class WorkerJob:
     threads: int | None = None
     spec: dict | None = None  # RunSpec.to_dict()
     cwd: str = ""  # relative paths (output_dir, data) are read from here
+    nproc: int = 1  # data-parallel processes for the run (executor.nproc_per_run; see distributed.py)
 
     def argv(self) -> list[str]:
-        return [sys.executable, "-m", "peftlab.worker", json.dumps(self.__dict__)]
+        return launch_argv(self.nproc, "peftlab.worker", json.dumps(self.__dict__))
 
 
 def run_in_processes(jobs: list[tuple[WorkerJob, RunDir]], workers: int, log: Log) -> list[str]:
@@ -95,18 +96,18 @@ def _mark_crashed(folder: RunDir, code: int | str, log: Log) -> None:
 
 
 def threads_per_worker(workers: int) -> int | None:
-    """Split the cores between parallel workers (None: leave torch's default for a single worker)."""
+    """Split the cores between parallel worker processes (None: leave torch's default for a single one)."""
     if workers <= 1:
         return None
     return max(1, (os.cpu_count() or 1) // workers)
 
 
 def jobs_for(
-    path: Path, overrides: list[str], runs: list[RunSpec], folders: list[RunDir], workers: int
+    path: Path, overrides: list[str], runs: list[RunSpec], folders: list[RunDir], workers: int, nproc: int = 1
 ) -> list[tuple[WorkerJob, RunDir]]:
-    threads = threads_per_worker(workers)
+    threads = threads_per_worker(workers * nproc)
     return [
-        (WorkerJob(str(path.resolve()), list(overrides), run.name, threads, run.to_dict(), os.getcwd()), folder)
+        (WorkerJob(str(path.resolve()), list(overrides), run.name, threads, run.to_dict(), os.getcwd(), nproc), folder)
         for run, folder in zip(runs, folders, strict=True)
     ]
 
@@ -153,6 +154,21 @@ def run_in_ray(jobs: list[tuple[WorkerJob, RunDir]], spec: ExecutorSpec, log: Lo
     return failed
 
 
+def check_launch(kind: str, nproc: int) -> None:
+    """Data-parallel runs need a worker process per run; `peftlab run` itself is one process."""
+    if nproc > 1 and kind == "inline":
+        raise InputError(
+            f"executor.nproc_per_run: {nproc} processes per run need the process or ray executor "
+            "(each run's worker is started under torchrun); not --executor inline"
+        )
+    if world_size() > 1:
+        raise InputError(
+            "peftlab run was started under torchrun or accelerate launch (WORLD_SIZE is set): run it as one "
+            "process and set executor.nproc_per_run (e.g. --set executor.nproc_per_run=2); peftlab starts "
+            "each run's worker under torchrun itself"
+        )
+
+
 def require_ray() -> Any:
     """The ray module, or an InputError saying how to install it (checked before anything runs)."""
     try:
@@ -177,6 +193,10 @@ def _describe(resources: dict) -> str:
 def ray_task(job_json: str) -> int:
     """The body of one Ray task: train one run as a worker process would; returns its exit code."""
     job = WorkerJob(**json.loads(job_json))
+    if job.nproc > 1:  # data-parallel: torchrun starts the processes (threads split between them)
+        threads = str(max(1, (job.threads or 1) // job.nproc))
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": threads, "PEFTLAB_THREADS": threads}
+        return subprocess.run(job.argv(), env=env, check=False).returncode
     if job.threads:
         os.environ["OMP_NUM_THREADS"] = os.environ["PEFTLAB_THREADS"] = str(job.threads)
     from peftlab.worker import run_job

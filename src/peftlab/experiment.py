@@ -27,7 +27,7 @@ from peftlab.analysis.run import Subject, analyze, check_sizes
 from peftlab.config import ExtraEvalSpec, LoadedExperiment, RunSpec
 from peftlab.data.loading import describe_source, load_splits, sample
 from peftlab.errors import EXIT_OK, EXIT_RUN_FAILED, InputError, did_you_mean
-from peftlab.executor import jobs_for, require_ray, run_in_processes, run_in_ray
+from peftlab.executor import check_launch, jobs_for, require_ray, run_in_processes, run_in_ray
 from peftlab.integrity import fingerprint
 from peftlab.methods import METHODS, Method, count_parameters
 from peftlab.mixture.run import check_outside_experts, run_mixtures
@@ -312,6 +312,7 @@ def run_experiment(
     kind = executor or exp.spec.executor.name
     if kind == "ray":
         require_ray()
+    check_launch(kind, exp.spec.executor.nproc_per_run)
     new = next((p for p in [*reversed(exp.runs_dir.parents), exp.runs_dir] if not p.exists()), None)
     try:
         with ExperimentLock(exp.runs_dir, wait=wait, log=log):
@@ -370,7 +371,8 @@ def execute_runs(
         return [run.name for prep, run in todo if not execute_run(prep, run, log)]
     store = ExperimentDir(exp.runs_dir)
     runs = [run for _, run in todo]
-    jobs = jobs_for(exp.path, exp.overrides, runs, [store.run(r.name) for r in runs], workers)
+    nproc = exp.spec.executor.nproc_per_run
+    jobs = jobs_for(exp.path, exp.overrides, runs, [store.run(r.name) for r in runs], workers, nproc)
     if executor == "ray":
         return run_in_ray(jobs, exp.spec.executor, log)
     return run_in_processes(jobs, workers, log)
@@ -561,6 +563,8 @@ def train_and_evaluate(prep: Prepared, run: RunSpec, folder: RunDir, log: Log) -
             "tokens_seen": result.tokens_seen,
             "train_examples": train_examples,
             "train_sequences": len(train_set),  # more than examples when a task windows them
+            "processes": result.processes,  # data-parallel (executor.nproc_per_run)
+            "global_batch_size": run.train.batch_size * run.train.grad_accum * result.processes,
             "resumed_from": result.resumed_from,
             "max_epochs": run.train.epochs,
             **early_stopping_summary(prep, run, result),

@@ -12,14 +12,20 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 import threading
 import time
+from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from peftlab import distributed
 from peftlab.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_RUN_FAILED, InputError
 
 if TYPE_CHECKING:
+    from peftlab.config import RunSpec
     from peftlab.executor import WorkerJob
+    from peftlab.experiment import Prepared
 
 
 def _exit_with_parent() -> None:
@@ -43,6 +49,7 @@ def run_job(job: WorkerJob) -> int:
 
     quiet_libraries()
     set_threads()
+    distributed.setup()  # data-parallel (started under torchrun): join the run's process group
     if job.cwd:
         os.chdir(job.cwd)
     try:
@@ -52,7 +59,22 @@ def run_job(job: WorkerJob) -> int:
     except InputError as exc:
         print(f"peftlab worker: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    return EXIT_OK if execute_run(prep, run, log_line) else EXIT_RUN_FAILED
+    try:
+        if distributed.is_replica():
+            return EXIT_OK if _replica(prep, run) else EXIT_RUN_FAILED
+        return EXIT_OK if execute_run(prep, run, log_line) else EXIT_RUN_FAILED
+    finally:
+        distributed.teardown()
+
+
+def _replica(prep: Prepared, run: RunSpec) -> bool:
+    """Rank > 0 of a data-parallel run: the same steps as rank 0, quietly, its files in a temporary
+    folder that is deleted at the end (rank 0 alone writes the run folder; see distributed.py)."""
+    from peftlab.experiment import execute_run
+    from peftlab.store import ExperimentDir
+
+    with tempfile.TemporaryDirectory(prefix=f"peftlab-rank{distributed.rank()}-") as tmp:
+        return execute_run(replace(prep, store=ExperimentDir(Path(tmp))), run, lambda message: None)
 
 
 def main(argv: list[str]) -> int:
