@@ -156,6 +156,11 @@ class TrainSpec(Strict):
         "epoch", description="'epoch' or a number of optimizer steps"
     )
     gradient_checkpointing: bool = False
+    group_by_length: bool = Field(
+        True,
+        description="training batches of examples of similar length (seeded, as transformers' group_by_length): "
+        "less padding, the same examples per epoch",
+    )
     early_stopping: EarlyStoppingSpec | None = Field(
         None, description="stop when a validation metric stops improving; the best epoch's weights are kept"
     )

@@ -219,6 +219,8 @@ def training_arguments(
         fp16=precision == "fp16",
         use_cpu=not torch.cuda.is_available(),
         gradient_checkpointing=spec.gradient_checkpointing,
+        # Batches of similar lengths waste little compute on padding (dynamic padding pads to the longest).
+        train_sampling_strategy="group_by_length" if spec.group_by_length else "random",
         eval_strategy="epoch" if has_eval else "no",
         logging_strategy="steps",
         logging_steps=logging_steps,
@@ -477,7 +479,7 @@ def train(
     The `spec.report_to` trackers log the run under `label` (default: the run folder's name), with the
     run's config.yaml as its settings.
     """
-    from transformers import EarlyStoppingCallback, Trainer
+    from transformers import EarlyStoppingCallback
 
     # Several processes (distributed.py): rank 0 picks the checkpoint and owns the checkpoint folder.
     resume = distributed.agree(lambda: run.latest_checkpoint(lambda message: log(f"[{label}] {message}")))
@@ -497,14 +499,18 @@ def train(
     callbacks: list[Any] = [_callback_class()(run.history_file, log, label)]
     if monitor is not None and has_eval and spec.early_stopping is not None:
         callbacks.append(EarlyStoppingCallback(spec.early_stopping.patience, spec.early_stopping.min_delta))
-    trainer = Trainer(
+    # Evaluated sorted by length (little padding); the task's metrics see the outputs in eval_set's order.
+    ordered_eval, restore = by_length(eval_set) if eval_set is not None else (None, None)
+    trainer = _trainer_class()(
         model=model,
         args=args,
         train_dataset=train_set,
-        eval_dataset=eval_set,
+        eval_dataset=ordered_eval,
         data_collator=collator,
         callbacks=callbacks,
-        compute_metrics=(lambda p: validation_metrics(p.predictions)) if validation_metrics and has_eval else None,
+        compute_metrics=(
+            (lambda p: validation_metrics(restore(p.predictions))) if validation_metrics and has_eval else None
+        ),
         preprocess_logits_for_metrics=reduce if validation_metrics and has_eval else None,
     )
     _quiet(trainer)
@@ -591,15 +597,64 @@ def predict(
 
     `reduce(logits, labels)`, when given, shrinks each batch's outputs before they are collected.
     """
-    from transformers import Trainer
-
+    ordered, restore = by_length(features)
     with _scratch_dir() as tmp:
         args = training_arguments(spec, tmp, has_eval=False, precision=precision, quiet=True)
-        trainer = Trainer(model=model, args=args, data_collator=collator, preprocess_logits_for_metrics=reduce)
+        trainer = _trainer_class()(model=model, args=args, data_collator=collator, preprocess_logits_for_metrics=reduce)
         _quiet(trainer)
         start = time.perf_counter()
-        output = trainer.predict(features)
-    return output.predictions, time.perf_counter() - start
+        output = trainer.predict(ordered)
+    return restore(output.predictions), time.perf_counter() - start
+
+
+def _trainer_class() -> type:
+    """The Trainer, evaluating in the dataset's order.
+
+    transformers 5.x applies `train_sampling_strategy="group_by_length"` to evaluation as well, in a
+    random order of length groups that the outputs are not put back from. peftlab matches outputs to
+    examples by position, so evaluation keeps the dataset's order here, and `by_length` sorts the data
+    beforehand (same padding saving, order restored).
+    """
+    from torch.utils.data import SequentialSampler
+    from transformers import Trainer
+
+    class OrderedEvalTrainer(Trainer):
+        def _get_eval_sampler(self, eval_dataset: Any) -> Any:
+            if self.args.train_sampling_strategy != "group_by_length" or eval_dataset is None:
+                return super()._get_eval_sampler(eval_dataset)
+            return SequentialSampler(eval_dataset) if self.args.world_size <= 1 else None  # None: accelerate shards
+
+    return OrderedEvalTrainer
+
+
+def _row_tokens(ids: Sequence[Any]) -> int:
+    """Tokens a row costs once padded: its length, or choices x longest choice (multiple choice)."""
+    if ids and isinstance(ids[0], Sequence):
+        return len(ids) * max(len(choice) for choice in ids)
+    return len(ids)
+
+
+def by_length(features: Dataset) -> tuple[Dataset, Callable[[Any], Any]]:
+    """`features` sorted by length (batches of similar lengths: little padding, and the same outputs, as
+    the attention mask hides padding), and the function that puts outputs back in the given order.
+
+    Outputs are an array with one row per feature, or nested tuples/lists of such arrays."""
+    import numpy as np
+
+    if "input_ids" not in features.column_names or len(features) < 2:
+        return features, lambda outputs: outputs
+    order = np.argsort([_row_tokens(ids) for ids in features["input_ids"]], kind="stable")
+    if bool((order == np.arange(len(order))).all()):
+        return features, lambda outputs: outputs
+    back = np.empty_like(order)
+    back[order] = np.arange(len(order))
+
+    def restore(outputs: Any) -> Any:
+        if isinstance(outputs, tuple | list):
+            return type(outputs)(restore(o) for o in outputs)
+        return outputs[back] if isinstance(outputs, np.ndarray) and len(outputs) == len(back) else outputs
+
+    return features.select(order), restore
 
 
 def generate(

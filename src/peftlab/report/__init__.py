@@ -332,7 +332,9 @@ def figure_blocks(
     figures_dir = exp_dir.path / "figures"
     curves = []
     for run in runs:
-        path = plots.learning_curve(run.history(), f"{run.name}: loss per epoch", figures_dir / f"curve-{run.name}.png")
+        path = plots.learning_curve(
+            run.history(), f"{run.name}: training and validation loss", figures_dir / f"curve-{run.name}.png"
+        )
         if path:
             curves.append(Figure(path.relative_to(exp_dir.path), f"{run.name}: training and validation loss"))
     split = splits[-1]
