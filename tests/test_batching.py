@@ -90,3 +90,21 @@ def test_grouped_batches_pad_less_and_are_seeded() -> None:
     assert grouped(0) == grouped(0) and grouped(0) != grouped(1)
     assert sorted(grouped(0)) == list(range(256))  # every example once an epoch
     assert padded(grouped(0)) < 0.8 * padded([int(i) for i in shuffled])
+
+
+def test_the_trainer_groups_by_padded_tokens_and_shuffles_what_has_no_token_ids(tmp_path: Path) -> None:
+    from torch.utils.data import RandomSampler
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from peftlab.engine import _trainer_class
+
+    args = training_arguments(
+        TrainSpec(batch_size=2, precision="fp32", lr=1e-3), tmp_path, has_eval=False, precision="fp32"
+    )
+    choices = Dataset.from_dict({"input_ids": [[[1] * 10, [1] * 2], [[1] * 6, [1] * 6, [1] * 6], [[1] * 3]]})
+    sampler = _trainer_class()(model=Echo(), args=args, train_dataset=choices)._get_train_sampler()
+    assert isinstance(sampler, LengthGroupedSampler) and sampler.lengths == [20, 18, 3]
+    plain = Dataset.from_dict({"x": [[0.0], [1.0], [2.0]]})
+    assert isinstance(
+        _trainer_class()(model=Echo(), args=args, train_dataset=plain)._get_train_sampler(), RandomSampler
+    )

@@ -615,10 +615,22 @@ def _trainer_class() -> type:
     examples by position, so evaluation keeps the dataset's order here, and `by_length` sorts the data
     beforehand (same padding saving, order restored).
     """
-    from torch.utils.data import SequentialSampler
+    from torch.utils.data import RandomSampler, SequentialSampler
     from transformers import Trainer
+    from transformers.trainer_pt_utils import LengthGroupedSampler
 
     class OrderedEvalTrainer(Trainer):
+        def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+            """Grouped by the tokens a row costs padded (`_row_tokens`: multiple choice counts choices x
+            longest, where transformers would count choices); a dataset without token ids is shuffled."""
+            data = train_dataset if train_dataset is not None else self.train_dataset
+            if self.args.train_sampling_strategy != "group_by_length" or data is None:
+                return super()._get_train_sampler(train_dataset)
+            if "input_ids" not in getattr(data, "column_names", ()):
+                return RandomSampler(data)
+            batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
+            return LengthGroupedSampler(batch, lengths=[_row_tokens(ids) for ids in data["input_ids"]])
+
         def _get_eval_sampler(self, eval_dataset: Any) -> Any:
             if self.args.train_sampling_strategy != "group_by_length" or eval_dataset is None:
                 return super()._get_eval_sampler(eval_dataset)
