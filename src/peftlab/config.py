@@ -14,7 +14,7 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
@@ -131,6 +131,9 @@ class EarlyStoppingSpec(Strict):
 
 class TrainSpec(Strict):
     """Training settings shared by every run (a method entry may override any of them)."""
+
+    # How a run is watched, not what it computes: left out of the run's fingerprint (experiment.run_config).
+    UNFINGERPRINTED: ClassVar[tuple[str, ...]] = ("log_every", "report_to")
 
     epochs: PositiveInt = 3
     max_steps: PositiveInt | None = Field(None, description="stop after this many optimizer steps")

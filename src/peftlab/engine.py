@@ -163,12 +163,16 @@ class Monitor:
     greater_is_better: bool
 
 
+def steps_per_epoch(spec: TrainSpec, n_train: int, processes: int = 1) -> int:
+    """Optimizer steps in an epoch: the global batch is batch_size x grad_accum x processes."""
+    return max(1, math.ceil(n_train / (spec.batch_size * spec.grad_accum * processes)))
+
+
 def log_steps(spec: TrainSpec, n_train: int) -> int:
     """Optimizer steps between two training-loss logs: `train.log_every`, or for `auto` about 20 an epoch."""
     if spec.log_every != "auto":
         return int(spec.log_every)
-    steps_per_epoch = math.ceil(math.ceil(n_train / spec.batch_size) / spec.grad_accum)
-    return max(1, steps_per_epoch // 20)
+    return max(1, steps_per_epoch(spec, n_train, distributed.world_size()) // 20)
 
 
 def training_arguments(
@@ -534,7 +538,7 @@ def train(
     best_epoch = _best_epoch(trainer.state, epochs) if monitor is not None else None
     write_jsonl(run.history_file, history)
     train_seconds = sum(r.get("epoch_seconds", 0.0) for r in epochs)
-    samples = _samples_seen(trainer.state, spec.batch_size * spec.grad_accum * processes, len(train_set))
+    samples = _samples_seen(trainer.state, spec, len(train_set), processes)
     tokens = int(trainer.state.num_input_tokens_seen)
     return TrainResult(
         train_seconds=round(train_seconds, 3),
@@ -576,12 +580,10 @@ def _quiet(trainer: Any) -> None:
     trainer.remove_callback(PrinterCallback)
 
 
-def _samples_seen(state: Any, per_step: int, n_train: int) -> int:
-    """Training samples processed: optimizer steps x global batch (per_step), capped per epoch at the set
-    size."""
-    steps_per_epoch = max(1, math.ceil(n_train / per_step))
-    full_epochs, extra_steps = divmod(int(state.global_step), steps_per_epoch)
-    return full_epochs * n_train + min(extra_steps * per_step, n_train)
+def _samples_seen(state: Any, spec: TrainSpec, n_train: int, processes: int) -> int:
+    """Training samples processed: optimizer steps x global batch, capped per epoch at the set size."""
+    full_epochs, extra_steps = divmod(int(state.global_step), steps_per_epoch(spec, n_train, processes))
+    return full_epochs * n_train + min(extra_steps * spec.batch_size * spec.grad_accum * processes, n_train)
 
 
 def predict(

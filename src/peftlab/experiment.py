@@ -24,7 +24,7 @@ from datasets import Dataset, DatasetDict
 from peftlab import engine, faults, forgetting, tracking
 from peftlab.analysis.finished import analyze_finished
 from peftlab.analysis.run import Subject, analyze, check_sizes
-from peftlab.config import ExtraEvalSpec, LoadedExperiment, RunSpec
+from peftlab.config import ExtraEvalSpec, LoadedExperiment, RunSpec, TrainSpec
 from peftlab.data.loading import describe_source, load_splits, sample
 from peftlab.errors import EXIT_OK, EXIT_RUN_FAILED, InputError, did_you_mean
 from peftlab.executor import check_launch, jobs_for, require_ray, run_in_processes, run_in_ray
@@ -111,7 +111,7 @@ def run_config(prep: Prepared, run: RunSpec) -> dict[str, Any]:
     meta = run_meta(run)  # where the run sits in a sweep: not a setting, so not fingerprinted
     # How a run is watched (log_every, report_to) changes none of its results: not fingerprinted either,
     # so adding a tracker retrains nothing (and runs from before these settings keep their fingerprints).
-    watched = {**body, "train": {k: v for k, v in train.items() if k not in ("log_every", "report_to")}}
+    watched = {**body, "train": {k: v for k, v in train.items() if k not in TrainSpec.UNFINGERPRINTED}}
     return {**body, "fingerprint": fingerprint(watched), **({"sweep": meta} if meta else {})}
 
 

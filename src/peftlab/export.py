@@ -209,11 +209,8 @@ def merged_model(folder: RunDir, config: dict[str, Any]) -> tuple[Any, Any, list
 
     method = _method(config)
     quantized = "quantization_config" in method.load_kwargs()
-    if quantized:
-        model, tokenizer = _unquantized_run(folder, config)
-    else:
-        run = load_run(folder.path)
-        model, tokenizer = run.model, run.tokenizer
+    run = load_run(folder.path, base_kwargs=not quantized)  # QLoRA: onto a full-precision base
+    model, tokenizer = run.model, run.tokenizer
     notes: list[str] = []
     if not isinstance(model, PeftModel):  # full fine-tuning: the saved model is the whole model
         notes.append("full fine-tuning trained every weight: there is no adapter to merge; the full model is saved")
@@ -233,28 +230,6 @@ def _method(config: dict[str, Any]) -> Any:
     from peftlab.methods import METHODS
 
     return METHODS.get(config["method"])(**dict(config.get("settings") or {}))
-
-
-def _unquantized_run(folder: RunDir, config: dict[str, Any]) -> tuple[Any, Any]:
-    """load_run's rebuild (same seed, same task model) with the base built without the method's
-    from_pretrained options, then the adapter loaded on it."""
-    from transformers import AutoTokenizer, set_seed
-
-    from peftlab.config import TrainSpec
-    from peftlab.models import ensure_pad_token, resolve_model
-
-    task = _task(config)
-    source = resolve_model(config["model"])
-    tokenizer = ensure_pad_token(AutoTokenizer.from_pretrained(folder.adapter_dir))
-    seed = TrainSpec.model_validate(config["train"]).seed
-
-    def build(saved: str | None) -> Any:
-        set_seed(seed)
-        return task.build_model(source if saved is None else resolve_model(saved), tokenizer)
-
-    model = _method(config).load(build, folder.adapter_dir)
-    model.eval()
-    return model, tokenizer
 
 
 def _task(config: dict[str, Any]) -> Any:

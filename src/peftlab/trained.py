@@ -50,8 +50,11 @@ class TrainedRun:
         return self.task.predict(outputs, examples, features)
 
 
-def load_run(path: Path | str) -> TrainedRun:
-    """Rebuild a finished run's trained model; InputError when the folder is not a finished run."""
+def load_run(path: Path | str, *, base_kwargs: bool = True) -> TrainedRun:
+    """Rebuild a finished run's trained model; InputError when the folder is not a finished run.
+
+    base_kwargs=False builds the base without the method's from_pretrained options (QLoRA's 4-bit
+    weights): the adapter on a full-precision base, as `export --merge` needs it."""
     from transformers import AutoTokenizer, set_seed
 
     folder = RunDir(Path(path))
@@ -73,7 +76,7 @@ def load_run(path: Path | str) -> TrainedRun:
     def build(saved: str | None) -> Any:
         set_seed(train.seed)
         if saved is None:
-            return task.build_model(source, tokenizer, **method.load_kwargs())
+            return task.build_model(source, tokenizer, **(method.load_kwargs() if base_kwargs else {}))
         return task.build_model(resolve_model(saved), tokenizer)
 
     model = method.load(build, folder.adapter_dir)

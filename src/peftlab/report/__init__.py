@@ -332,11 +332,10 @@ def figure_blocks(
     figures_dir = exp_dir.path / "figures"
     curves = []
     for run in runs:
-        path = plots.learning_curve(
-            run.history(), f"{run.name}: training and validation loss", figures_dir / f"curve-{run.name}.png"
-        )
+        title = f"{run.name}: training and validation loss"
+        path = plots.learning_curve(run.history(), title, figures_dir / f"curve-{run.name}.png")
         if path:
-            curves.append(Figure(path.relative_to(exp_dir.path), f"{run.name}: training and validation loss"))
+            curves.append(Figure(path.relative_to(exp_dir.path), title))
     split = splits[-1]
     matrices = []
     sources = [(r.name, r.metrics().get("eval", {}).get(split, {})) for r in runs]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from peftlab.report import plots
 from peftlab.report.render import Block, Figure, Figures, Heading, Paragraph, Table
@@ -138,17 +138,25 @@ def _seconds(group: Group) -> list[float]:
     return [v for v in _numbers(group, "train", "train_seconds") if v > 0]
 
 
-def pareto_front(points: list[Point], cost: Callable[[Point], float | None], higher: bool = True) -> list[Point]:
+P = TypeVar("P")
+
+
+def pareto_front(
+    points: list[P],
+    cost: Callable[[P], float | None],
+    higher: bool = True,
+    score: Callable[[P], float] = lambda p: p.score,  # type: ignore[attr-defined]
+) -> list[P]:
     """The points no other point beats on both score and cost (at least as good on both, strictly
-    better on one), cheapest first; points without the cost are not candidates."""
+    better on one), cheapest first; points without the cost are not candidates. Also the front of
+    the learning-vs-forgetting plane (report/tradeoffs.py)."""
     sign = 1.0 if higher else -1.0
-    found = [(p, float(c)) for p in points if (c := cost(p)) is not None]
+    found = [(p, float(c), sign * score(p)) for p in points if (c := cost(p)) is not None]
 
-    def beaten(p: Point, c: float) -> bool:
-        s = sign * p.score
-        return any(qc <= c and sign * q.score >= s and (qc < c or sign * q.score > s) for q, qc in found if q is not p)
+    def beaten(c: float, s: float) -> bool:
+        return any(qc <= c and qs >= s and (qc < c or qs > s) for _, qc, qs in found)
 
-    return sorted((p for p, c in found if not beaten(p, c)), key=lambda p: float(cost(p) or 0.0))
+    return [p for p, c, s in sorted(found, key=lambda t: t[1]) if not beaten(c, s)]
 
 
 # --- text ------------------------------------------------------------------------------------

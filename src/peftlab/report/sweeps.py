@@ -29,9 +29,13 @@ class Group:
     base: str
     point: dict[str, Any]
     runs: list[RunDir] = field(default_factory=list)
+    _done: list[RunDir] | None = field(default=None, repr=False, compare=False)
 
     def done(self) -> list[RunDir]:
-        return [r for r in self.runs if r.status().get("state") == DONE and r.metrics()]
+        """The finished runs (read once: a report is built from files that do not change meanwhile)."""
+        if self._done is None:
+            self._done = [r for r in self.runs if r.status().get("state") == DONE and r.metrics()]
+        return self._done
 
     def values(self, split: str, metric: str) -> list[float]:
         found = [r.metrics().get("eval", {}).get(split, {}).get(metric) for r in self.done()]

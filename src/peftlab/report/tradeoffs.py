@@ -24,7 +24,7 @@ from typing import Any
 
 from peftlab.config import SPLITS
 from peftlab.forgetting import forgetting_of, run_record
-from peftlab.report import plots
+from peftlab.report import compare, plots
 from peftlab.report.render import Block, Figure, Figures, Heading, Paragraph, Table
 from peftlab.report.sweeps import Group, _log_x, _single_numeric_axis, _spread, fmt_mean_std, groups_of
 from peftlab.store import DONE, ExperimentDir, RunDir
@@ -231,13 +231,7 @@ def pareto_front(points: list[Point]) -> list[Point]:
     """The points no other point beats on both axes (less or equal forgetting and more or equal gain,
     better on one): the runs worth choosing among."""
 
-    def beaten(p: Point) -> bool:
-        return any(
-            q.forgetting <= p.forgetting and q.gain >= p.gain and (q.forgetting < p.forgetting or q.gain > p.gain)
-            for q in points
-        )
-
-    return sorted((p for p in points if not beaten(p)), key=lambda p: p.forgetting)
+    return compare.pareto_front(points, cost=lambda p: p.forgetting, score=lambda p: p.gain)
 
 
 def plane_blocks(
