@@ -31,6 +31,7 @@ from torch import nn
 
 from peftlab import distributed, faults, integrity, tracking
 from peftlab.config import TrainSpec
+from peftlab.dropout import use_fast_dropout
 from peftlab.store import CHECKPOINT_RECORD, EPOCH, STEP, RunDir, epoch_rows, follow_umask, write_json, write_jsonl
 
 Log = Callable[[str], None]
@@ -500,6 +501,8 @@ def train(
         run_name=label or run.name,
         report_to=spec.report_to,
     )
+    if spec.fast_dropout and not torch.cuda.is_available():  # CUDA's own dropout masks are cheap already
+        use_fast_dropout(model)
     callbacks: list[Any] = [_callback_class()(run.history_file, log, label)]
     if monitor is not None and has_eval and spec.early_stopping is not None:
         callbacks.append(EarlyStoppingCallback(spec.early_stopping.patience, spec.early_stopping.min_delta))
