@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 
 from peftlab import executor
 from peftlab.config import load_experiment
-from peftlab.errors import EXIT_OK, InputError
+from peftlab.errors import EXIT_OK, EXIT_RUN_FAILED, InputError
 from peftlab.experiment import run_experiment
 from tests.conftest import tiny_experiment, write_experiment
 
@@ -27,16 +28,16 @@ def sweep_experiment(tmp_path: Path, **changes) -> dict:
 
 def test_workers_run_points_in_parallel_processes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With --workers 2 the second worker starts while the first is still alive, each with half the cores."""
-    started: list[tuple[subprocess.Popen, dict, bool]] = []
-    real_popen = subprocess.Popen
+    started: list[tuple[object, dict, bool]] = []
+    real_start = executor.start_worker
 
-    def popen(argv: list[str], env: dict) -> subprocess.Popen:
+    def start(job: executor.WorkerJob) -> object:
         others_alive = any(p.poll() is None for p, _, _ in started)
-        proc = real_popen(argv, env=env)
-        started.append((proc, json.loads(argv[-1]), others_alive))
+        proc = real_start(job)
+        started.append((proc, dict(job.__dict__), others_alive))
         return proc
 
-    monkeypatch.setattr(executor.subprocess, "Popen", popen)
+    monkeypatch.setattr(executor, "start_worker", start)
     path = write_experiment(tmp_path, sweep_experiment(tmp_path))
     lines: list[str] = []
     assert run_experiment(load_experiment(path), executor="process", workers=2, log=lines.append) == EXIT_OK
@@ -47,6 +48,52 @@ def test_workers_run_points_in_parallel_processes(tmp_path: Path, monkeypatch: p
         metrics = json.loads((tmp_path / "runs" / "tiny" / name / "metrics.json").read_text())
         assert metrics["settings"]["r"] == int(name[-1])
         assert metrics["hardware"]["cpu_threads"] == started[0][1]["threads"]
+
+
+def test_workers_fork_from_the_preloaded_server_and_a_killed_one_is_marked_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without CUDA, workers are forked from the fork server (no interpreter start and imports per run);
+    one killed mid-run is a failed run with its signal, the other run is unaffected."""
+    if not executor._forkable():
+        pytest.skip("workers are not forked here (CUDA, not Linux, or the environment changed)")
+    real_start = executor.start_worker
+    kinds: list[str] = []
+
+    def start(job: executor.WorkerJob) -> object:
+        proc = real_start(job)
+        kinds.append(type(proc).__name__)
+        if job.run == "lora-r2":
+            os.kill(proc.process.pid, signal.SIGKILL)
+        return proc
+
+    monkeypatch.setattr(executor, "start_worker", start)
+    path = write_experiment(tmp_path, sweep_experiment(tmp_path))
+    lines: list[str] = []
+    assert run_experiment(load_experiment(path), executor="process", log=lines.append) == EXIT_RUN_FAILED
+    assert kinds == ["_Forked", "_Forked"]
+    status = json.loads((tmp_path / "runs" / "tiny" / "lora-r2" / "status.json").read_text())
+    assert status["state"] == "failed" and "ended with -9" in status["error"]
+    assert json.loads((tmp_path / "runs" / "tiny" / "lora-r4" / "status.json").read_text())["state"] == "done"
+
+
+def _exit_zero_if_set(name: str) -> None:
+    raise SystemExit(0 if os.environ.get(name) == "1" else 3)
+
+
+def test_the_fork_server_restarts_when_the_environment_changed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Libraries read some variables (HF_HOME, ...) when imported: a worker must not be forked from a
+    server started with an older environment."""
+    import multiprocessing
+
+    if not executor._forkable():
+        pytest.skip("workers are not forked here")
+    monkeypatch.setenv("PEFTLAB_TEST_CHANGED", "1")
+    assert executor._forkable()
+    child = multiprocessing.get_context("forkserver").Process(target=_exit_zero_if_set, args=("PEFTLAB_TEST_CHANGED",))
+    child.start()
+    child.join()
+    assert child.exitcode == 0
 
 
 def test_ray_executor_runs_points_as_tasks_on_an_existing_cluster(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ from peftlab.analysis.run import Subject, analyze, check_sizes
 from peftlab.config import ExtraEvalSpec, LoadedExperiment, RunSpec, TrainSpec
 from peftlab.data.loading import describe_source, load_splits, sample
 from peftlab.errors import EXIT_OK, EXIT_RUN_FAILED, InputError, did_you_mean
-from peftlab.executor import check_launch, jobs_for, require_ray, run_in_processes, run_in_ray
+from peftlab.executor import check_launch, jobs_for, prestart_workers, require_ray, run_in_processes, run_in_ray
 from peftlab.integrity import fingerprint
 from peftlab.methods import METHODS, Method, count_parameters
 from peftlab.mixture.run import check_outside_experts, run_mixtures
@@ -331,6 +331,8 @@ def _run_locked(exp: LoadedExperiment, fresh: Fresh, kind: str, workers: int, lo
     preps = [prepare(group, log) for group in exp.groups()]
     for prep in preps:
         check_existing(prep, fresh, log)
+    if kind == "process" and exp.spec.executor.nproc_per_run == 1:
+        prestart_workers()  # the fork server imports the libraries while the baselines are evaluated
     store = ExperimentDir(exp.runs_dir)
     store.path.mkdir(parents=True, exist_ok=True)
     write_yaml(store.path / "experiment.yaml", _resolved_experiment(exp, preps))
