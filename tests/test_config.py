@@ -24,7 +24,7 @@ def error_of(tmp_path: Path, exp: dict, **kw) -> str:
 def test_defaults_and_auto_lr_resolve_per_method(tmp_path: Path) -> None:
     exp = load(tmp_path, tiny_experiment(tmp_path))
     lrs = {run.name: run.train.lr for run in exp.runs}
-    assert lrs == {"full": 5e-5, "lora": 5e-4, "ia3": 5e-3}
+    assert lrs == {"full": 5e-5, "lora": 2e-3, "ia3": 2e-2}
     assert exp.runs[1].settings["r"] == 4 and exp.runs[1].settings["alpha"] == 16
     assert exp.spec.evaluate.splits == ["validation", "test"]
 

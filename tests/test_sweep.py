@@ -57,12 +57,12 @@ def test_lr_auto_is_a_grid_around_each_methods_default(tmp_path: Path) -> None:
         "full-lr1.5e-05": 1.5e-5,
         "full-lr5e-05": 5e-5,
         "full-lr0.00015": 1.5e-4,
-        "lora-lr0.00015": 1.5e-4,
-        "lora-lr0.0005": 5e-4,
-        "lora-lr0.0015": 1.5e-3,
-        "ia3-lr0.0015": 1.5e-3,
-        "ia3-lr0.005": 5e-3,
-        "ia3-lr0.015": 1.5e-2,
+        "lora-lr0.0006": 6e-4,
+        "lora-lr0.002": 2e-3,
+        "lora-lr0.006": 6e-3,
+        "ia3-lr0.006": 6e-3,
+        "ia3-lr0.02": 2e-2,
+        "ia3-lr0.06": 6e-2,
     }
 
 

@@ -36,7 +36,13 @@ def default_target_table() -> dict[str, list[str]]:
 class LoraSettings(MethodSettings):
     r: PositiveInt = Field(8, description="rank of the update")
     alpha: PositiveInt = Field(16, description="scaling: the update is multiplied by alpha / r")
-    dropout: float = Field(0.1, ge=0, lt=1)
+    dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="dropout on the adapter's input; 0 (PEFT's default): on the quickstart 0.1 gave the same "
+        "accuracy (test .740 vs .741) and cost 4% more time per step",
+    )
     target_modules: list[str] | Literal["all-linear"] | None = Field(
         None, description="module names (suffixes) to adapt; default: the architecture's attention q/v"
     )
@@ -59,8 +65,11 @@ class Lora(PeftMethod):
     """LoRA through PEFT; the task head is trained and saved with the adapter."""
 
     Settings = LoraSettings
-    default_lr = 5e-4
-    lr_note = "about 10x full fine-tuning: the low-rank update starts at zero and has few weights"
+    default_lr = 2e-3
+    lr_note = (
+        "40x full fine-tuning: the low-rank update starts at zero and has few weights; on three offline tasks "
+        "(MiniLM-L6, README) 2e-3 was best or within a point of the best, where 5e-4 stayed near the majority class"
+    )
 
     def resolve(self, model_type: str) -> dict[str, Any]:
         resolved = self.settings.model_dump()
