@@ -14,7 +14,7 @@ help:
 	@echo "make demo   - set up, fetch the offline assets and run configs/quickstart.yaml (ends with a report)"
 	@echo "make test   - set up and run the test suite"
 	@echo "make lint   - ruff check + format check"
-	@echo "make bench  - speed and memory benchmarks (benchmarks/)"
+	@echo "make bench  - speed and memory benchmarks (benchmarks/; 30-40 min, the time-to-quality one is 20-30)"
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
