@@ -1,9 +1,11 @@
 """Training-step throughput of full FT, LoRA and (IA)3 in fp32 and bf16 autocast on this machine.
 
 Model: all-MiniLM-L6-v2 (asset minilm-l6) when fetched, else a random BERT of the same shape.
-Batch 32 x 64 tokens, AdamW; 2 warm-up steps, then the median of 5 timed steps.
+Batch 32 x 64 tokens, fused AdamW (the Trainer's default), dropout as the engine trains it (fast
+masks on the CPU, dropout.py); 2 warm-up steps, then the median of 5 timed steps.
 Targets: bf16 autocast at least 1.2x fp32 where the CPU has native bf16 (AVX512-BF16/AMX) or on
-CUDA; LoRA and (IA)3 steps no slower than full fine-tuning.
+CUDA; a LoRA step at most 0.75x a full fine-tuning step (the frozen weights need no gradient: about
+2/3 of the work); an (IA)3 step no slower than full fine-tuning.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import time
 import torch
 
 from peftlab import assets
+from peftlab.dropout import use_fast_dropout
 from peftlab.engine import cpu_supports_bf16
 from peftlab.methods import METHODS
 from peftlab.models import load_tokenizer, resolve_model
@@ -29,13 +32,16 @@ def build(method: str):
     task = TASKS.get("classification")(labels=["a", "b", "c"])
     torch.manual_seed(0)
     model = task.build_model(source, load_tokenizer(source))
-    return METHODS.get(method)().apply(model, head_modules=task.head_modules(model), task_type=task.peft_task_type)
+    model = METHODS.get(method)().apply(model, head_modules=task.head_modules(model), task_type=task.peft_task_type)
+    if not torch.cuda.is_available():
+        use_fast_dropout(model)  # as engine.train does (train.fast_dropout's default)
+    return model
 
 
 def step_seconds(method: str, bf16: bool) -> float:
     model = build(method)
     model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
     ids = torch.randint(1000, 2000, (BATCH, SEQ))
     labels = torch.randint(0, 3, (BATCH,))
     times = []
@@ -61,9 +67,9 @@ def main() -> bool:
     if cpu_supports_bf16():
         speedup = results[("full", "fp32")] / results[("full", "bf16")]
         ok &= _target(f"bf16 >= 1.2x fp32 (full FT): {speedup:.2f}x", speedup >= 1.2)
-    for m in ("lora", "ia3"):
+    for m, limit in (("lora", 0.75), ("ia3", 1.0)):
         ratio = results[(m, "bf16")] / results[("full", "bf16")]
-        ok &= _target(f"{m} step <= full FT step (bf16): {ratio:.2f}x", ratio <= 1.05)
+        ok &= _target(f"{m} step <= {limit:g}x full FT step (bf16): {ratio:.2f}x", ratio <= limit)
     return ok
 
 
