@@ -21,7 +21,8 @@ accuracy no more than 1 point below it.
 
 It takes 20-30 minutes on 2 CPU cores (the padded fp32 script is most of it). Run it alone on a
 quiet machine: `make bench` or `python benchmarks/run.py bench_time_to_quality`.
-Sizes: BENCH_TTQ_TRAIN (3000), BENCH_TTQ_EPOCHS (2); BENCH_TTQ_PROTOCOLS (script,tuned,peftlab).
+Sizes: BENCH_TTQ_TRAIN (3000), BENCH_TTQ_EPOCHS (2); BENCH_TTQ_PROTOCOLS (script,tuned,peftlab);
+BENCH_TTQ_METHODS (full,lora,ia3); BENCH_TTQ_SEED (0: the training seed of every protocol).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-METHODS = ("full", "lora", "ia3")
+METHODS = tuple(os.environ.get("BENCH_TTQ_METHODS", "full,lora,ia3").split(","))
 SCRIPT_LR = 5e-5
 WITHIN = 0.01  # "reaches" = within 1 accuracy point
 
@@ -45,6 +46,7 @@ def sizes() -> dict[str, int]:
     return {
         "train": int(os.environ.get("BENCH_TTQ_TRAIN", 3000)),
         "epochs": int(os.environ.get("BENCH_TTQ_EPOCHS", 2)),
+        "seed": int(os.environ.get("BENCH_TTQ_SEED", 0)),
     }
 
 
@@ -98,7 +100,7 @@ def script_run(protocol: str, method: str) -> dict[str, Any]:
         enc = tokenizer(list(rows["text"]), truncation=True, **padding)
         return Dataset.from_dict({**enc, "labels": [labels.index(label) for label in rows["label"]]})
 
-    set_seed(0)
+    set_seed(sizes()["seed"])
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=len(labels))
     if method == "lora":
         dropout = LoraSettings().dropout if tuned else 0.1  # the tuned script uses peftlab's LoRA settings
@@ -132,7 +134,7 @@ def script_run(protocol: str, method: str) -> dict[str, Any]:
             save_strategy="no",
             logging_strategy="no",
             report_to=[],
-            seed=0,
+            seed=sizes()["seed"],
             bf16=bf16,
             use_cpu=not torch.cuda.is_available(),
             train_sampling_strategy="group_by_length" if tuned else "random",
@@ -172,6 +174,10 @@ def peftlab_runs() -> tuple[dict[str, dict[str, Any]], float]:
                 f"data.limits.train={s['train']}",
                 "--set",
                 f"train.epochs={s['epochs']}",
+                "--set",
+                f"train.seed={s['seed']}",
+                "--only",
+                *METHODS,
             ],
             check=True,
             stdout=subprocess.DEVNULL,
