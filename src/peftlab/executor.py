@@ -99,10 +99,12 @@ def start_worker(job: WorkerJob) -> Any:
         )
         process.start()
         return _Forked(process)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if job.threads:
-        env["OMP_NUM_THREADS"] = env["PEFTLAB_THREADS"] = str(job.threads)
-    return subprocess.Popen(job.argv(), env=env)
+    return subprocess.Popen(job.argv(), env={**os.environ, "PYTHONUNBUFFERED": "1", **thread_env(job.threads)})
+
+
+def thread_env(threads: int | None) -> dict[str, str]:
+    """The variables that give a worker `threads` torch threads (none: torch's default, every core)."""
+    return {"OMP_NUM_THREADS": str(threads), "PEFTLAB_THREADS": str(threads)} if threads else {}
 
 
 # Why a fork server: a fresh `python -m peftlab.worker` spends about 7 s of its start importing torch,
@@ -282,11 +284,9 @@ def ray_task(job_json: str) -> int:
     """The body of one Ray task: train one run as a worker process would; returns its exit code."""
     job = WorkerJob(**json.loads(job_json))
     if job.nproc > 1:  # data-parallel: torchrun starts the processes (threads split between them)
-        threads = str(max(1, (job.threads or 1) // job.nproc))
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": threads, "PEFTLAB_THREADS": threads}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **thread_env(max(1, (job.threads or 1) // job.nproc))}
         return subprocess.run(job.argv(), env=env, check=False).returncode
-    if job.threads:
-        os.environ["OMP_NUM_THREADS"] = os.environ["PEFTLAB_THREADS"] = str(job.threads)
+    os.environ.update(thread_env(job.threads))
     from peftlab.worker import run_job
 
     return run_job(job)

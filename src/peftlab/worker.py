@@ -90,9 +90,9 @@ def main(argv: list[str]) -> int:
 def forked(job_json: str) -> None:
     """A worker forked from the executor's preloaded fork server: what `python -m peftlab.worker` does,
     with the job's thread count and line-buffered output (a Popen'd worker gets both from its environment)."""
-    job = json.loads(job_json)
-    if job.get("threads"):
-        os.environ["OMP_NUM_THREADS"] = os.environ["PEFTLAB_THREADS"] = str(job["threads"])
+    from peftlab.executor import thread_env
+
+    os.environ.update(thread_env(json.loads(job_json).get("threads")))
     for stream in (sys.stdout, sys.stderr):
         stream.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     raise SystemExit(main([job_json]))
