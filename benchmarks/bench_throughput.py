@@ -33,8 +33,7 @@ def build(method: str):
     torch.manual_seed(0)
     model = task.build_model(source, load_tokenizer(source))
     model = METHODS.get(method)().apply(model, head_modules=task.head_modules(model), task_type=task.peft_task_type)
-    if not torch.cuda.is_available():
-        use_fast_dropout(model)  # as engine.train does (train.fast_dropout's default)
+    use_fast_dropout(model)  # as engine.train does (train.fast_dropout's default)
     return model
 
 

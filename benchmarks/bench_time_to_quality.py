@@ -158,6 +158,8 @@ def script_run(protocol: str, method: str) -> dict[str, Any]:
 def peftlab_runs() -> tuple[dict[str, dict[str, Any]], float]:
     """`peftlab run configs/quickstart.yaml` (all three methods) in a scratch folder; per method the
     epoch times and accuracies from its history.jsonl and metrics.json, and the command's wall time."""
+    from peftlab.store import ExperimentDir
+
     s = sizes()
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
@@ -185,10 +187,8 @@ def peftlab_runs() -> tuple[dict[str, dict[str, Any]], float]:
         wall = time.perf_counter() - start
         results = {}
         for method in METHODS:
-            folder = Path(out) / "quickstart" / method
-            rows = [json.loads(line) for line in (folder / "history.jsonl").read_text().splitlines()]
-            epochs = [r for r in rows if r.get("kind") == "epoch"]
-            metrics = json.loads((folder / "metrics.json").read_text())
+            run = ExperimentDir(Path(out) / "quickstart").run(method)
+            epochs, metrics = run.history("epoch"), run.metrics()
             results[method] = {
                 "epoch_seconds": [r["epoch_seconds"] for r in epochs],
                 "val": [r["eval_accuracy"] for r in epochs],

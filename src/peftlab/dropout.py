@@ -45,7 +45,10 @@ class FastDropout(nn.Dropout):
 
 def use_fast_dropout(model: nn.Module) -> int:
     """Replace every plain nn.Dropout in `model` (the model's own and adapters', e.g. LoRA's) by a
-    FastDropout with the same p; returns how many were replaced. Subclasses are left as they are."""
+    FastDropout with the same p; returns how many were replaced. Subclasses are left as they are.
+    Where CUDA is available (the Trainer trains there) nothing is replaced: its own masks are cheap."""
+    if torch.cuda.is_available():
+        return 0
     replaced = 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):

@@ -501,7 +501,7 @@ def train(
         run_name=label or run.name,
         report_to=spec.report_to,
     )
-    if spec.fast_dropout and not torch.cuda.is_available():  # CUDA's own dropout masks are cheap already
+    if spec.fast_dropout:
         use_fast_dropout(model)
     callbacks: list[Any] = [_callback_class()(run.history_file, log, label)]
     if monitor is not None and has_eval and spec.early_stopping is not None:
