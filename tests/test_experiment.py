@@ -16,7 +16,7 @@ import pytest
 from peftlab.config import load_experiment
 from peftlab.errors import EXIT_OK, EXIT_RUN_FAILED, InputError
 from peftlab.experiment import run_experiment
-from peftlab.store import read_jsonl
+from peftlab.store import CHECKPOINT_RECORD, read_jsonl
 from peftlab.trained import load_run
 from tests.conftest import tiny_experiment, write_experiment
 
@@ -146,7 +146,9 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path: Path) -> None:
         stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 120
-    while time.time() < deadline and not any(ckpts.glob("checkpoint-*/trainer_state.json")):
+    # Wait for a checkpoint's completion record (written last), not for the Trainer's own files: a kill
+    # between the two leaves an unfinished checkpoint, which is rightly discarded rather than resumed.
+    while time.time() < deadline and not any(ckpts.glob(f"checkpoint-*/{CHECKPOINT_RECORD}")):
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
