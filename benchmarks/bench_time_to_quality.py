@@ -194,6 +194,7 @@ def peftlab_runs() -> tuple[dict[str, dict[str, Any]], float]:
                 "val": [r["eval_accuracy"] for r in epochs],
                 "test": metrics["eval"]["test"]["accuracy"],
                 "precision": metrics["precision"],
+                "tokens_per_second": metrics["train"]["tokens_per_second"],  # real (non-padding) tokens
             }
     return results, wall
 
@@ -238,6 +239,10 @@ def report(results: dict[str, dict[str, dict[str, Any]]], wall: float | None) ->
             )
     if wall is not None:
         print(f"peftlab run configs/quickstart.yaml, end to end: {wall:.0f} s ({wall / 60:.1f} min)")
+        throughput = {m: r["peftlab"]["tokens_per_second"] for m, r in results.items() if "peftlab" in r}
+        print(
+            "peftlab training throughput, real tokens/s: " + ", ".join(f"{m} {t:,.0f}" for m, t in throughput.items())
+        )
     ok = True
     for method in METHODS:
         ours = results.get(method, {}).get("peftlab")

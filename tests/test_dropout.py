@@ -135,3 +135,17 @@ def test_fast_attention_dropout_switches_sdpa_models_while_inside_only() -> None
     eager = AutoModelForSequenceClassification.from_config(config, attn_implementation="eager")
     with fast_attention_dropout(eager) as switched:
         assert not switched and eager.config._attn_implementation == "eager"
+
+
+def test_attention_under_bf16_autocast_computes_in_fp32_as_sdpa() -> None:
+    """bf16 inputs, fp32 math, a bf16 result: within bf16 rounding of the fp32 reference (bf16 math is
+    about twice as far off, which this bound catches)."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(4, 4, 32, 16).mul(3).bfloat16() for _ in range(3))
+    module = nn.Module().train()
+    p = 1e-9  # keep_mask keeps everything: the attention math alone, on the dropout path
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = attention(module, q, k, v, None, dropout=p)
+    reference = torch.softmax(q.float() @ k.float().transpose(2, 3) * 0.25, dim=-1) @ v.float()
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - reference.transpose(1, 2)).abs().max() <= 0.05
