@@ -80,7 +80,7 @@ def test_fronts_table_and_figures_from_measured_numbers(tmp_path: Path) -> None:
     assert "Beaten on every plane: lora-r16." in md
     header = "| Run | Method | Seeds | Trainable params | Train time | test accuracy | Pareto-optimal against |"
     assert header in md
-    assert "| full | full | 2 | 1,000 | 11.0 s ± 1.4 | 0.8100 ± 0.0141 | trainable parameters, training time |" in md
+    assert "| full | full | 2 | 1,000 | 11.0 s ± 1.4 s | 0.8100 ± 0.0141 | trainable parameters, training time |" in md
     assert "| ia3 | ia3 | 1 | 5 | 6.0 s | 0.6500 | trainable parameters |" in md
     assert "| lora-r16 |" not in md.split("## Score against cost")[1].split("##")[0]
     for plane in ("params", "time"):
@@ -157,3 +157,10 @@ def test_a_multitask_report_compares_each_tasks_runs(tmp_path: Path) -> None:
     md = (root / "report.md").read_text()
     assert "## Score against cost (cls)" in md and "Front against training time: cls.lora, cls.full." in md
     assert (root / "figures" / "compare-cls-params.png").is_file()
+
+
+def test_train_times_are_written_as_the_results_table_writes_them() -> None:
+    from peftlab.report.compare import _fmt_time
+
+    assert _fmt_time([300.0]) == "5 min 00 s"
+    assert _fmt_time([290.0, 310.0]) == "5 min 00 s ± 14.1 s"

@@ -209,9 +209,12 @@ def _front_table(points: list[Point], fronts: dict[str, list[Point]], split: str
 
 
 def _fmt_time(seconds: list[float]) -> str:
+    """As the results table writes times (fmt_seconds: "2 min 05 s" from two minutes on)."""
+    from peftlab.report import fmt_seconds  # the package's own helper; imported late: it imports us
+
     if len(seconds) == 1:
-        return f"{seconds[0]:.1f} s"
-    return f"{mean(seconds):.1f} s ± {std(seconds):.1f}"
+        return fmt_seconds(seconds[0])
+    return f"{fmt_seconds(mean(seconds))} ± {fmt_seconds(std(seconds))}"
 
 
 # --- figures ---------------------------------------------------------------------------------
