@@ -2,7 +2,7 @@
 
 Model: all-MiniLM-L6-v2 (asset minilm-l6) when fetched, else a random BERT of the same shape.
 Batch 32 x 64 tokens, fused AdamW (the Trainer's default), dropout as the engine trains it (fast
-masks on the CPU, also for attention probabilities, dropout.py); 2 warm-up steps, then the median of 5 timed steps.
+masks on the CPU, dropout.py); 2 warm-up steps, then the median of 5 timed steps.
 Targets: bf16 autocast at least 1.2x fp32 where the CPU has native bf16 (AVX512-BF16/AMX) or on
 CUDA; a LoRA step at most 0.75x a full fine-tuning step (the frozen weights need no gradient: about
 2/3 of the work); an (IA)3 step no slower than full fine-tuning.
@@ -16,7 +16,7 @@ import time
 import torch
 
 from peftlab import assets
-from peftlab.dropout import fast_attention_dropout, use_fast_dropout
+from peftlab.dropout import use_fast_dropout
 from peftlab.engine import cpu_supports_bf16
 from peftlab.methods import METHODS
 from peftlab.models import load_tokenizer, resolve_model
@@ -44,16 +44,15 @@ def step_seconds(method: str, bf16: bool) -> float:
     ids = torch.randint(1000, 2000, (BATCH, SEQ))
     labels = torch.randint(0, 3, (BATCH,))
     times = []
-    with fast_attention_dropout(model):  # as engine.train does
-        for i in range(WARMUP + STEPS):
-            start = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            if i >= WARMUP:
-                times.append(time.perf_counter() - start)
+    for i in range(WARMUP + STEPS):
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if i >= WARMUP:
+            times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 

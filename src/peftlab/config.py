@@ -166,9 +166,8 @@ class TrainSpec(Strict):
     )
     fast_dropout: bool = Field(
         True,
-        description="on the CPU, dropout masks from four 16-bit numbers per 64-bit draw (dropout.py), also for "
-        "attention probabilities: the same operation, about 4x cheaper than torch's; false: torch's own (CUDA "
-        "always uses torch's own)",
+        description="on the CPU, dropout masks from four 16-bit numbers per 64-bit draw (dropout.py): the same "
+        "operation, about 4x cheaper than torch's; false: torch's own (CUDA always uses torch's own)",
     )
     early_stopping: EarlyStoppingSpec | None = Field(
         None, description="stop when a validation metric stops improving; the best epoch's weights are kept"

@@ -31,7 +31,7 @@ from torch import nn
 
 from peftlab import distributed, faults, integrity, tracking
 from peftlab.config import TrainSpec
-from peftlab.dropout import fast_attention_dropout, use_fast_dropout
+from peftlab.dropout import use_fast_dropout
 from peftlab.store import CHECKPOINT_RECORD, EPOCH, STEP, RunDir, epoch_rows, follow_umask, write_json, write_jsonl
 
 Log = Callable[[str], None]
@@ -524,9 +524,8 @@ def train(
     settings = _run_settings(run, spec) if spec.report_to else {}
     trackers = tracking.session(trainer, spec.report_to, run.path, settings, lambda m: log(f"[{label}] {m}"))
     hook = _stop_on_non_finite_loss(model)
-    attention = fast_attention_dropout(model) if spec.fast_dropout else contextlib.nullcontext()
     try:
-        with trackers, attention, PeakMemory() as memory:
+        with trackers, PeakMemory() as memory:
             trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except NonFiniteLoss as exc:
         lr = trainer.lr_scheduler.get_last_lr()[0] if trainer.lr_scheduler is not None else spec.lr
