@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from peftlab.report import plots
+from peftlab.report import fmt_seconds, plots
 from peftlab.report.render import Block, Figure, Figures, Heading, Paragraph, Table
 from peftlab.report.sweeps import Group, fmt_mean_std, groups_of
 from peftlab.store import DONE, ExperimentDir, RunDir
@@ -210,8 +210,6 @@ def _front_table(points: list[Point], fronts: dict[str, list[Point]], split: str
 
 def _fmt_time(seconds: list[float]) -> str:
     """As the results table writes times (fmt_seconds: "2 min 05 s" from two minutes on)."""
-    from peftlab.report import fmt_seconds  # the package's own helper; imported late: it imports us
-
     if len(seconds) == 1:
         return fmt_seconds(seconds[0])
     return f"{fmt_seconds(mean(seconds))} ± {fmt_seconds(std(seconds))}"
