@@ -233,10 +233,9 @@ def _method(config: dict[str, Any]) -> Any:
 
 
 def _task(config: dict[str, Any]) -> Any:
-    from peftlab.tasks import TASKS
+    from peftlab.tasks import task_from_config
 
-    state = dict(config["task"])
-    return TASKS.get(state.pop("name"))(**state)
+    return task_from_config(config["task"])
 
 
 def save_model(model: Any, tokenizer: Any, config: dict[str, Any], directory: Path) -> None:

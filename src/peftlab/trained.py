@@ -23,7 +23,7 @@ from peftlab.errors import InputError
 from peftlab.methods import METHODS, Method
 from peftlab.models import ModelSource, ensure_pad_token, resolve_model
 from peftlab.store import DONE, RunDir
-from peftlab.tasks import TASKS, Prediction, Task
+from peftlab.tasks import Prediction, Task, task_from_config
 
 
 @dataclass
@@ -66,8 +66,7 @@ def load_run(path: Path | str, *, base_kwargs: bool = True) -> TrainedRun:
             "run the experiment again to complete it"
         )
     config = folder.config()
-    task_state = dict(config["task"])
-    task = TASKS.get(task_state.pop("name"))(**task_state)
+    task = task_from_config(config["task"])
     source = resolve_model(config["model"])
     tokenizer = ensure_pad_token(AutoTokenizer.from_pretrained(folder.adapter_dir))
     train = TrainSpec.model_validate(config["train"])

@@ -15,7 +15,7 @@ from typing import Any
 from peftlab.errors import InputError
 from peftlab.integrity import sha256_file
 from peftlab.store import DONE, RunDir, parse_json, read_text
-from peftlab.tasks import TASKS, Task
+from peftlab.tasks import Task, task_from_config
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -36,8 +36,7 @@ class Expert:
         return self.folder / "adapter" / ADAPTER_WEIGHTS
 
     def task(self) -> Task:
-        state = dict(self.config["task"])
-        return TASKS.get(state.pop("name"))(**state)
+        return task_from_config(self.config["task"])
 
     @property
     def max_length(self) -> int:
