@@ -16,7 +16,7 @@ import pytest
 from peftlab.config import load_experiment
 from peftlab.errors import EXIT_OK, InputError
 from peftlab.experiment import run_experiment
-from peftlab.store import ExperimentLock, current_umask, follow_umask, write_json
+from peftlab.store import ExperimentLock, RunDir, current_umask, follow_umask, write_json
 from tests.conftest import tiny_experiment, write_experiment
 
 
@@ -126,3 +126,16 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path: Path) -> None:
         "which is no longer running"
     ]
     assert (folder / ExperimentLock.NAME).read_text() == ""  # released cleanly
+
+
+def test_unfinished_names_what_a_folder_lacks_to_be_a_finished_run(tmp_path: Path) -> None:
+    run = RunDir(tmp_path / "lora")
+    run.path.mkdir()
+    assert run.unfinished().startswith("not a run folder (no config.yaml)")
+    run.config_file.write_text("method: lora\n")
+    run.set_status("running")
+    assert run.unfinished().startswith("the run is not finished (status: running)")
+    run.set_status("done")
+    assert run.unfinished().startswith("the run saved no model (no adapter/")
+    run.adapter_dir.mkdir()
+    assert run.unfinished() is None

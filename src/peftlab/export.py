@@ -29,7 +29,7 @@ import yaml
 
 from peftlab import faults
 from peftlab.errors import InputError
-from peftlab.store import DONE, RunDir, follow_umask, read_json, write_atomic
+from peftlab.store import RunDir, follow_umask, read_json, write_atomic
 
 Log = Callable[[str], None]
 
@@ -99,13 +99,8 @@ def finished_run(path: Path) -> RunDir:
             "model, because its gate weighs the experts differently for every token of every input (no single "
             "set of weights computes the same); export its expert runs instead (listed in its config.yaml)"
         )
-    if not folder.config_file.exists():
-        raise InputError(f"{path}: not a run folder (no config.yaml); expected runs/<experiment>/<run>/")
-    state = folder.status().get("state")
-    if state != DONE:
-        raise InputError(f"{path}: the run is not finished (status: {state}); run the experiment again to complete it")
-    if not folder.adapter_dir.is_dir():
-        raise InputError(f"{path}: the run saved no model (no adapter/; sweep points keep none): nothing to export")
+    if problem := folder.unfinished():
+        raise InputError(f"{path}: {problem}")
     problem = folder.damage()
     if problem is not None:
         raise InputError(f"{path}: the run's files are damaged ({problem}); retrain it with `peftlab run --fresh`")

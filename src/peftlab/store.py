@@ -214,6 +214,18 @@ class RunDir:
             status.pop("error", None)
         write_json(self.status_file, status)
 
+    def unfinished(self) -> str | None:
+        """Why this folder is not a finished run with its trained model (None: it is one). Export,
+        reloading and mixtures check this before anything else, each naming the folder its own way."""
+        if not self.config_file.exists():
+            return "not a run folder (no config.yaml); expected runs/<experiment>/<run>/"
+        state = self.status().get("state")
+        if state != DONE:
+            return f"the run is not finished (status: {state}); run the experiment again to complete it"
+        if not self.adapter_dir.is_dir():
+            return "the run saved no model (no adapter/; sweep points keep none)"
+        return None
+
     def damage(self, *, deep: bool = True) -> str | None:
         """What is wrong with a finished run's files (None when intact, or when the run is not done).
 

@@ -22,7 +22,7 @@ from peftlab.data.loading import load_rows, sample
 from peftlab.errors import InputError
 from peftlab.methods import METHODS, Method
 from peftlab.models import ModelSource, ensure_pad_token, resolve_model
-from peftlab.store import DONE, RunDir
+from peftlab.store import RunDir
 from peftlab.tasks import Prediction, Task, task_from_config
 
 
@@ -58,13 +58,8 @@ def load_run(path: Path | str, *, base_kwargs: bool = True) -> TrainedRun:
     from transformers import AutoTokenizer, set_seed
 
     folder = RunDir(Path(path))
-    if not folder.config_file.exists():
-        raise InputError(f"{path}: not a run folder (no config.yaml); expected runs/<experiment>/<run>/")
-    if folder.status().get("state") != DONE or not folder.adapter_dir.exists():
-        raise InputError(
-            f"{path}: the run is not finished (status: {folder.status().get('state')}); "
-            "run the experiment again to complete it"
-        )
+    if problem := folder.unfinished():
+        raise InputError(f"{path}: {problem}")
     config = folder.config()
     task = task_from_config(config["task"])
     source = resolve_model(config["model"])

@@ -14,7 +14,7 @@ from typing import Any
 
 from peftlab.errors import InputError
 from peftlab.integrity import sha256_file
-from peftlab.store import DONE, RunDir, parse_json, read_text
+from peftlab.store import RunDir, parse_json, read_text
 from peftlab.tasks import Task, task_from_config
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -51,10 +51,11 @@ def read_expert(folder: Path) -> Expert:
     config = run.config()
     if config.get("method") != "lora":
         raise InputError(f"expert {folder}: a {config.get('method')} run, not a LoRA run; a mixture combines LoRA runs")
-    state = run.status().get("state")
+    if problem := run.unfinished():
+        raise InputError(f"expert {folder}: {problem}")
     weights = folder / "adapter" / ADAPTER_WEIGHTS
-    if state != DONE or not weights.exists():
-        raise InputError(f"expert {folder}: the run is not finished (status: {state}); finish it before mixing")
+    if not weights.exists():
+        raise InputError(f"expert {folder}: its adapter has no {ADAPTER_WEIGHTS}; retrain it")
     if problem := run.damage():
         raise InputError(f"expert {folder}: its files are damaged ({problem})")
     adapter = parse_json(read_text(folder / "adapter" / ADAPTER_CONFIG, max_bytes=1 << 20), str(folder / "adapter"))
