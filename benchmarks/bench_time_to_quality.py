@@ -91,6 +91,7 @@ def script_run(protocol: str, method: str) -> dict[str, Any]:
     from peftlab.methods.lora import LoraSettings
 
     tuned = protocol == "tuned"
+    seed = sizes()["seed"]
     data, labels, model_dir = examples()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
 
@@ -100,7 +101,7 @@ def script_run(protocol: str, method: str) -> dict[str, Any]:
         enc = tokenizer(list(rows["text"]), truncation=True, **padding)
         return Dataset.from_dict({**enc, "labels": [labels.index(label) for label in rows["label"]]})
 
-    set_seed(sizes()["seed"])
+    set_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=len(labels))
     if method == "lora":
         dropout = LoraSettings().dropout if tuned else 0.1  # the tuned script uses peftlab's LoRA settings
@@ -134,7 +135,7 @@ def script_run(protocol: str, method: str) -> dict[str, Any]:
             save_strategy="no",
             logging_strategy="no",
             report_to=[],
-            seed=sizes()["seed"],
+            seed=seed,
             bf16=bf16,
             use_cpu=not torch.cuda.is_available(),
             train_sampling_strategy="group_by_length" if tuned else "random",

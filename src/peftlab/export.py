@@ -200,9 +200,10 @@ def merged_model(folder: RunDir, config: dict[str, Any]) -> tuple[Any, Any, list
     """
     from peft import PeftModel
 
+    from peftlab.methods import method_from_config
     from peftlab.trained import load_run
 
-    method = _method(config)
+    method = method_from_config(config)
     quantized = "quantization_config" in method.load_kwargs()
     run = load_run(folder.path, base_kwargs=not quantized)  # QLoRA: onto a full-precision base
     model, tokenizer = run.model, run.tokenizer
@@ -219,18 +220,6 @@ def merged_model(folder: RunDir, config: dict[str, Any]) -> tuple[Any, Any, list
             "slightly from the run's recorded ones"
         )
     return merged, tokenizer, notes
-
-
-def _method(config: dict[str, Any]) -> Any:
-    from peftlab.methods import METHODS
-
-    return METHODS.get(config["method"])(**dict(config.get("settings") or {}))
-
-
-def _task(config: dict[str, Any]) -> Any:
-    from peftlab.tasks import task_from_config
-
-    return task_from_config(config["task"])
 
 
 def save_model(model: Any, tokenizer: Any, config: dict[str, Any], directory: Path) -> None:
@@ -266,11 +255,14 @@ def task_auto_class(folder: RunDir, config: dict[str, Any]) -> str | None:
     from transformers import AutoTokenizer
 
     from peftlab.models import ensure_pad_token, resolve_model
+    from peftlab.tasks import task_from_config
 
     try:
         tokenizer = ensure_pad_token(AutoTokenizer.from_pretrained(folder.adapter_dir))
         with torch.device("meta"):
-            model = _task(config).build_model(resolve_model(config["model"]), tokenizer, weights=False)
+            model = task_from_config(config["task"]).build_model(
+                resolve_model(config["model"]), tokenizer, weights=False
+            )
     except (InputError, OSError, ValueError):  # the card then names no class; the export itself is unaffected
         return None
     return auto_class_of(model)

@@ -20,7 +20,7 @@ from peftlab import engine
 from peftlab.config import DataSpec, ExtraEvalSpec, TrainSpec
 from peftlab.data.loading import load_rows, sample
 from peftlab.errors import InputError
-from peftlab.methods import METHODS, Method
+from peftlab.methods import Method, method_from_config
 from peftlab.models import ModelSource, ensure_pad_token, resolve_model
 from peftlab.store import RunDir
 from peftlab.tasks import Prediction, Task, task_from_config
@@ -65,7 +65,7 @@ def load_run(path: Path | str, *, base_kwargs: bool = True) -> TrainedRun:
     source = resolve_model(config["model"])
     tokenizer = ensure_pad_token(AutoTokenizer.from_pretrained(folder.adapter_dir))
     train = TrainSpec.model_validate(config["train"])
-    method = METHODS.get(config["method"])(**_settings_for(config))
+    method = method_from_config(config)
 
     def build(saved: str | None) -> Any:
         set_seed(train.seed)
@@ -77,11 +77,6 @@ def load_run(path: Path | str, *, base_kwargs: bool = True) -> TrainedRun:
     model.eval()
     precision = engine.resolve_precision(train.precision)
     return TrainedRun(folder, config, task, source, tokenizer, model, train, precision, method, lambda: build(None))
-
-
-def _settings_for(config: dict[str, Any]) -> dict[str, Any]:
-    """The method settings as the user gave them (resolved defaults are valid settings too)."""
-    return dict(config.get("settings") or {})
 
 
 def examples_for(run: TrainedRun, data: str, split: str | None, labelled: bool = True) -> tuple[Dataset, str]:
